@@ -1,0 +1,129 @@
+"""SQLite permanent store: the embedded default (`sqlite:///relative.db`, `sqlite:////abs.db`).
+
+WAL with synchronous=NORMAL: a committed message survives the process dying, not a power loss.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from urllib.parse import urlsplit
+
+from dualwrite._sqlite import SqliteThread
+from dualwrite.backends import BackendContext
+from dualwrite.errors import UnknownBackend
+from dualwrite.model import (
+    ChannelRef,
+    HistoryPage,
+    PermanentWrite,
+    StoredMessage,
+    parse_history_cursor,
+)
+
+# SQLite's own clock, in milliseconds: the store's "server time".
+_NOW_MS = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    workspace_id TEXT NOT NULL,
+    channel_id   TEXT NOT NULL,
+    message_id   TEXT NOT NULL,
+    user_id      TEXT NOT NULL,
+    user_name    TEXT NOT NULL,
+    text         TEXT NOT NULL,
+    timestamp    INTEGER NOT NULL,
+    created_at   INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, channel_id, message_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS messages_history
+    ON messages (workspace_id, channel_id, timestamp, message_id);
+"""
+
+_COLUMNS = "workspace_id, channel_id, message_id, user_id, user_name, text, timestamp, created_at"
+
+
+def sqlite_path(url: str) -> str:
+    """The file a `sqlite://` URL names: three slashes relative, four absolute."""
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+        raise UnknownBackend(
+            f"expected sqlite:///relative/path or sqlite:////absolute, got {url!r}"
+        )
+    path = parts.path[1:]
+    if not path:
+        raise UnknownBackend(f"{url!r} names no file")
+    return path
+
+
+class SqlitePermanentStore:
+    def __init__(self, path: str) -> None:
+        self._db = SqliteThread(
+            path, synchronous="NORMAL", schema=_SCHEMA, name="dualwrite-sqlite-store"
+        )
+
+    async def connect(self) -> None:
+        await self._db.open()
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def save(self, write: PermanentWrite) -> None:
+        await self._db.call(_save, write)
+
+    async def get(self, channel: ChannelRef, message_id: str) -> StoredMessage | None:
+        return await self._db.call(_get, channel, message_id)
+
+    async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:
+        bound = parse_history_cursor(before) if before is not None else None
+        return await self._db.call(_history, channel, bound, limit)
+
+
+def _save(db: sqlite3.Connection, write: PermanentWrite) -> None:
+    db.execute(
+        f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, "
+        f"COALESCE(?, {_NOW_MS}), {_NOW_MS}) ON CONFLICT DO NOTHING",
+        (
+            write.channel.workspace_id,
+            write.channel.channel_id,
+            write.message_id,
+            write.user_id,
+            write.user_name,
+            write.text,
+            write.sent_at if write.keep_sent_time else None,
+        ),
+    )
+
+
+def _get(db: sqlite3.Connection, channel: ChannelRef, message_id: str) -> StoredMessage | None:
+    row = db.execute(
+        f"SELECT {_COLUMNS} FROM messages "
+        "WHERE workspace_id = ? AND channel_id = ? AND message_id = ?",
+        (channel.workspace_id, channel.channel_id, message_id),
+    ).fetchone()
+    return _to_message(row) if row else None
+
+
+def _history(
+    db: sqlite3.Connection, channel: ChannelRef, bound: tuple[int, str] | None, limit: int
+) -> HistoryPage:
+    where = "workspace_id = ? AND channel_id = ?"
+    params: list[object] = [channel.workspace_id, channel.channel_id]
+    if bound is not None:
+        where += " AND (timestamp, message_id) < (?, ?)"
+        params += list(bound)
+    rows = db.execute(
+        f"SELECT {_COLUMNS} FROM messages WHERE {where} "
+        "ORDER BY timestamp DESC, message_id DESC LIMIT ?",
+        (*params, limit + 1),
+    ).fetchall()
+    return HistoryPage.from_candidates([_to_message(r) for r in rows], limit)
+
+
+def _to_message(row: tuple[str, str, str, str, str, str, int, int]) -> StoredMessage:
+    ws, ch, message_id, user_id, user_name, text, timestamp, created_at = row
+    return StoredMessage(
+        ChannelRef(ws, ch), message_id, user_id, user_name, text, timestamp, created_at
+    )
+
+
+def create(url: str, context: BackendContext) -> SqlitePermanentStore:
+    return SqlitePermanentStore(sqlite_path(url))

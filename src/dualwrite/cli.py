@@ -1,0 +1,185 @@
+"""The `dualwrite` command: a thin shell over the library (see `dualwrite --help`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from dualwrite.bench import Progress, run_bench
+from dualwrite.errors import DualWriteError, InvalidInput, SendFailed
+from dualwrite.model import User
+from dualwrite.runtime import DualWrite, open_dualwrite
+from dualwrite.settings import Settings
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+def _backend_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("backends (default: DUALWRITE_* variables, then embedded)")
+    group.add_argument("--realtime", metavar="URL", help="realtime tier, e.g. redis://host:6379/0")
+    group.add_argument("--store", metavar="URL", help="permanent store, e.g. postgresql://...")
+    group.add_argument("--queue", metavar="PATH", help="retry-queue SQLite file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dualwrite",
+        description="Chat messages to a realtime tier first and a permanent store second.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every event")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    send = commands.add_parser("send", help="send one message")
+    send.add_argument("text")
+    send.add_argument("--workspace", required=True)
+    send.add_argument("--channel", required=True)
+    send.add_argument("--user-id", required=True)
+    send.add_argument("--user-name", required=True)
+    send.add_argument("--client-message-id", help="idempotency key: repeat to retry safely")
+    _backend_flags(send)
+
+    history = commands.add_parser("history", help="show a channel, newest first")
+    history.add_argument("--workspace", required=True)
+    history.add_argument("--channel", required=True)
+    history.add_argument("--limit", type=int, default=50)
+    history.add_argument("--before", help="cursor printed at the end of the previous page")
+    history.add_argument("--json", action="store_true", help="one JSON object per line")
+    _backend_flags(history)
+
+    queue = commands.add_parser("queue", help="the retry queue of unsaved messages")
+    queue_commands = queue.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
+    queue_list = queue_commands.add_parser("list", help="list waiting writes")
+    _backend_flags(queue_list)
+    queue_retry = queue_commands.add_parser("retry", help="retry one message id, or --all")
+    target = queue_retry.add_mutually_exclusive_group(required=True)
+    target.add_argument("message_id", nargs="?")
+    target.add_argument("--all", action="store_true")
+    _backend_flags(queue_retry)
+
+    bench = commands.add_parser("bench", help="measure sends/s and latency")
+    bench.add_argument("--messages", type=int, default=10_000)
+    bench.add_argument("--concurrency", type=int, default=64)
+    bench.add_argument("--channels", type=int, default=8)
+    bench.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    _backend_flags(bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.ERROR,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    handler = _HANDLERS[args.command]
+    try:
+        return asyncio.run(handler(args))
+    except InvalidInput as error:
+        print(f"dualwrite: invalid input: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except SendFailed as error:
+        print(f"dualwrite: {error} ({error.__cause__!r})", file=sys.stderr)
+        return EXIT_FAILED
+    except DualWriteError as error:
+        print(f"dualwrite: {error}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(
+        realtime_url=args.realtime, store_url=args.store, queue_path=args.queue
+    )
+
+
+async def _send(args: argparse.Namespace) -> int:
+    async with open_dualwrite(_settings(args), background=False) as dw:
+        result = await dw.send_message(
+            args.workspace,
+            args.channel,
+            args.text,
+            User(args.user_id, args.user_name),
+            client_message_id=args.client_message_id,
+        )
+    print(f"{result.message_id} {result.status}")
+    if result.warning:
+        print(f"dualwrite: {result.warning}", file=sys.stderr)
+    return 0
+
+
+async def _history(args: argparse.Namespace) -> int:
+    async with open_dualwrite(_settings(args), background=False) as dw:
+        page = await dw.history(args.workspace, args.channel, args.before, args.limit)
+    for message in page.messages:
+        if args.json:
+            print(json.dumps(message.to_wire(), ensure_ascii=False))
+        else:
+            mark = "" if message.saved else "  (not saved yet)"
+            print(f"{message.message_id}  {message.user_name}: {message.text}{mark}")
+    if page.next_before and not args.json:
+        print(f"-- more: --before {page.next_before}")
+    return 0
+
+
+async def _queue(args: argparse.Namespace) -> int:
+    async with open_dualwrite(_settings(args), background=False) as dw:
+        if args.queue_command == "list":
+            return await _queue_list(dw)
+        if args.all:
+            report = await dw.retry_all()
+            print(f"saved {len(report.saved)}, still failing {len(report.failed)}")
+            return 0 if not report.failed else EXIT_FAILED
+        saved = await dw.retry(args.message_id)
+        print(f"{args.message_id} {'saved' if saved else 'still failing'}")
+        return 0 if saved else EXIT_FAILED
+
+
+async def _queue_list(dw: DualWrite) -> int:
+    entries = await dw.pending()
+    for entry in entries:
+        w = entry.write
+        print(
+            f"{w.message_id}  {w.channel.workspace_id}/{w.channel.channel_id}  "
+            f"attempts={entry.attempts}  last_error={entry.last_error}"
+        )
+    print(f"{len(entries)} waiting")
+    return 0
+
+
+async def _bench(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="dualwrite-bench-") as scratch:
+        # Unless told otherwise, measure the embedded default on scratch files.
+        settings = Settings.from_env(
+            store_url=args.store or f"sqlite:///{Path(scratch, 'messages.db')}",
+            realtime_url=args.realtime,
+            queue_path=args.queue or str(Path(scratch, "queue.db")),
+        )
+        progress = Progress(args.messages)
+        async with open_dualwrite(settings) as dw:
+            report = await run_bench(
+                dw,
+                messages=args.messages,
+                concurrency=args.concurrency,
+                channels=args.channels,
+                on_sent=progress.advance,
+            )
+    print(report.table())
+    if args.json:
+        text = json.dumps(report.as_dict(), indent=2) + "\n"
+        await asyncio.to_thread(Path(args.json).write_text, text)
+    return 0
+
+
+_HANDLERS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
+    "send": _send,
+    "history": _history,
+    "queue": _queue,
+    "bench": _bench,
+}

@@ -1,0 +1,139 @@
+"""Fault injection: wrappers that make a backend's calls fail or hang on demand.
+
+Tests use them to walk both failure paths against real backends; `dualwrite serve --fault`
+uses them so a person can see both banners. Never enable them in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import AsyncIterator, Collection
+
+from dualwrite.model import ChannelRef, HistoryPage, PermanentWrite, RealtimeMessage, StoredMessage
+from dualwrite.ports import PermanentStore, RealtimeTier, SendClaim, SendKey
+
+
+class InjectedFault(ConnectionError):
+    """The error an injected failure raises."""
+
+
+class Faults:
+    """A failure plan: healthy, failing, hanging, or failing at random.
+
+    ``operations`` limits the plan to those method names (all calls when empty).
+    """
+
+    def __init__(
+        self,
+        *,
+        probability: float = 0.0,
+        operations: Collection[str] = (),
+        rng: random.Random | None = None,
+    ) -> None:
+        self.probability = probability
+        self.operations = frozenset(operations)
+        self.calls: Counter[str] = Counter()
+        self._rng = rng or random.Random()
+        self._mode = "ok"
+        self._remaining: int | None = None
+
+    def fail(self, times: int | None = None) -> None:
+        """Fail the next ``times`` calls (every call when None) with `InjectedFault`."""
+        self._mode, self._remaining = "fail", times
+
+    def hang(self) -> None:
+        """Make every call wait forever (until the caller's timeout cancels it)."""
+        self._mode, self._remaining = "hang", None
+
+    def heal(self) -> None:
+        self._mode, self._remaining, self.probability = "ok", None, 0.0
+
+    async def check(self, operation: str) -> None:
+        if self.operations and operation not in self.operations:
+            return
+        self.calls[operation] += 1
+        if self._mode == "hang":
+            await asyncio.Event().wait()
+        if self._mode == "fail":
+            if self._remaining is not None:
+                self._remaining -= 1
+                if self._remaining <= 0:
+                    self._mode, self._remaining = "ok", None
+            raise InjectedFault(f"injected failure of {operation}")
+        if self.probability and self._rng.random() < self.probability:
+            raise InjectedFault(f"injected random failure of {operation}")
+
+
+class FaultyRealtimeTier:
+    """A `RealtimeTier` that consults ``faults`` before every call to ``inner``."""
+
+    def __init__(self, inner: RealtimeTier, faults: Faults) -> None:
+        self.inner = inner
+        self.faults = faults
+
+    async def connect(self) -> None:
+        await self.inner.connect()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def write(self, channel: ChannelRef, message: RealtimeMessage) -> None:
+        await self.faults.check("write")
+        await self.inner.write(channel, message)
+
+    async def read(self, channel: ChannelRef, message_id: str) -> RealtimeMessage | None:
+        await self.faults.check("read")
+        return await self.inner.read(channel, message_id)
+
+    async def read_since(
+        self, channel: ChannelRef, after_id: str | None, limit: int
+    ) -> list[RealtimeMessage]:
+        await self.faults.check("read_since")
+        return await self.inner.read_since(channel, after_id, limit)
+
+    async def delete(self, channel: ChannelRef, message_id: str) -> None:
+        await self.faults.check("delete")
+        await self.inner.delete(channel, message_id)
+
+    async def subscribe(
+        self, channel: ChannelRef, after_id: str | None = None
+    ) -> AsyncIterator[RealtimeMessage]:
+        await self.faults.check("subscribe")
+        async for message in self.inner.subscribe(channel, after_id):
+            yield message
+
+    async def sweep_expired(self, now_ms: int) -> int:
+        await self.faults.check("sweep_expired")
+        return await self.inner.sweep_expired(now_ms)
+
+    async def claim_send(self, key: SendKey, claim: SendClaim, ttl_ms: int) -> SendClaim:
+        await self.faults.check("claim_send")
+        return await self.inner.claim_send(key, claim, ttl_ms)
+
+
+class FaultyPermanentStore:
+    """A `PermanentStore` that consults ``faults`` before every call to ``inner``."""
+
+    def __init__(self, inner: PermanentStore, faults: Faults) -> None:
+        self.inner = inner
+        self.faults = faults
+
+    async def connect(self) -> None:
+        await self.inner.connect()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def save(self, write: PermanentWrite) -> None:
+        await self.faults.check("save")
+        await self.inner.save(write)
+
+    async def get(self, channel: ChannelRef, message_id: str) -> StoredMessage | None:
+        await self.faults.check("get")
+        return await self.inner.get(channel, message_id)
+
+    async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:
+        await self.faults.check("history")
+        return await self.inner.history(channel, before, limit)

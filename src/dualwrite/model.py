@@ -1,0 +1,231 @@
+"""The values that cross the seams: what is written where, and what a send returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from dualwrite.errors import NOT_SAVED_WARNING
+
+REALTIME_TTL_MS = 3_600_000
+"""Realtime entries expire one hour after they were sent (the specification's `ttl`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """The sender, as the specification's `useAuth()` user: an id and a display name."""
+
+    id: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ChannelRef:
+    workspace_id: str
+    channel_id: str
+
+    @property
+    def realtime_path(self) -> str:
+        return f"messages/{self.workspace_id}/{self.channel_id}"
+
+    @property
+    def permanent_path(self) -> str:
+        return f"workspaces/{self.workspace_id}/channels/{self.channel_id}/messages"
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeMessage:
+    """One entry of the realtime tier, at `messages/{workspaceId}/{channelId}/{messageId}`."""
+
+    message_id: str
+    user_id: str
+    user_name: str
+    text: str
+    timestamp: int
+    ttl: int
+
+    def to_wire(self) -> dict[str, Any]:
+        """The record exactly as the specification lays it out (without the id, its key)."""
+        return {
+            "userId": self.user_id,
+            "userName": self.user_name,
+            "text": self.text,
+            "timestamp": self.timestamp,
+            "ttl": self.ttl,
+        }
+
+    @classmethod
+    def from_wire(cls, message_id: str, data: dict[str, Any]) -> RealtimeMessage:
+        return cls(
+            message_id=message_id,
+            user_id=str(data["userId"]),
+            user_name=str(data["userName"]),
+            text=str(data["text"]),
+            timestamp=int(data["timestamp"]),
+            ttl=int(data["ttl"]),
+        )
+
+    def expired(self, now_ms: int) -> bool:
+        return self.ttl <= now_ms
+
+
+@dataclass(frozen=True, slots=True)
+class PermanentWrite:
+    """Everything needed to write (or rewrite) one permanent record.
+
+    ``sent_at`` is the millisecond time of the realtime write. A first attempt stores the
+    store's own time as `timestamp` (as the specification's `serverTimestamp()`); a retry
+    (``keep_sent_time``) stores ``sent_at`` instead, so a late write keeps its place in history.
+    """
+
+    channel: ChannelRef
+    message_id: str
+    user_id: str
+    user_name: str
+    text: str
+    sent_at: int
+    keep_sent_time: bool = False
+
+    def as_retry(self) -> PermanentWrite:
+        return replace(self, keep_sent_time=True)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """One permanent record, at `workspaces/{ws}/channels/{ch}/messages/{messageId}`.
+
+    Times are milliseconds since the epoch, whatever the store keeps natively.
+    """
+
+    channel: ChannelRef
+    message_id: str
+    user_id: str
+    user_name: str
+    text: str
+    timestamp: int
+    created_at: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "messageId": self.message_id,
+            "channelId": self.channel.channel_id,
+            "workspaceId": self.channel.workspace_id,
+            "userId": self.user_id,
+            "userName": self.user_name,
+            "text": self.text,
+            "timestamp": self.timestamp,
+            "createdAt": self.created_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """Messages newest first; pass ``next_before`` as ``before`` to get the page after it."""
+
+    messages: list[StoredMessage]
+    next_before: str | None
+
+    @classmethod
+    def from_candidates(cls, newest_first: list[StoredMessage], limit: int) -> HistoryPage:
+        """A page of ``limit`` from up to ``limit + 1`` candidates (the extra one means more)."""
+        page = newest_first[:limit]
+        more = len(newest_first) > limit and bool(page)
+        return cls(page, history_cursor(page[-1].timestamp, page[-1].message_id) if more else None)
+
+
+SendStatus = Literal["saved", "pending"]
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """What a successful send returns: the message id and whether it is saved yet.
+
+    ``status`` is "saved" when both writes succeeded, "pending" when the message was delivered
+    but its permanent write is waiting in the retry queue; then ``warning`` holds the banner text.
+    """
+
+    message_id: str
+    status: SendStatus
+    timestamp: int
+
+    @property
+    def warning(self) -> str | None:
+        return NOT_SAVED_WARNING if self.status == "pending" else None
+
+    def __str__(self) -> str:
+        return self.message_id
+
+
+def history_cursor(timestamp: int, message_id: str) -> str:
+    """The ``before`` value that continues a history page after the message it names."""
+    return f"{timestamp}:{message_id}"
+
+
+def parse_history_cursor(before: str) -> tuple[int, str]:
+    from dualwrite.errors import InvalidInput
+
+    timestamp, sep, message_id = before.partition(":")
+    if not sep or not timestamp.isdigit() or not message_id:
+        raise InvalidInput("before", "is not a cursor returned by a history page")
+    return int(timestamp), message_id
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelMessage:
+    """A message as a reader sees it, from either tier; ``saved`` tells which."""
+
+    channel: ChannelRef
+    message_id: str
+    user_id: str
+    user_name: str
+    text: str
+    timestamp: int
+    saved: bool
+
+    @property
+    def sort_key(self) -> tuple[int, str]:
+        return (self.timestamp, self.message_id)
+
+    @classmethod
+    def from_stored(cls, message: StoredMessage) -> ChannelMessage:
+        return cls(
+            message.channel,
+            message.message_id,
+            message.user_id,
+            message.user_name,
+            message.text,
+            message.timestamp,
+            saved=True,
+        )
+
+    @classmethod
+    def from_realtime(cls, channel: ChannelRef, message: RealtimeMessage) -> ChannelMessage:
+        return cls(
+            channel,
+            message.message_id,
+            message.user_id,
+            message.user_name,
+            message.text,
+            message.timestamp,
+            saved=False,
+        )
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "messageId": self.message_id,
+            "workspaceId": self.channel.workspace_id,
+            "channelId": self.channel.channel_id,
+            "userId": self.user_id,
+            "userName": self.user_name,
+            "text": self.text,
+            "timestamp": self.timestamp,
+            "saved": self.saved,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelHistory:
+    """A merged history page, newest first; ``next_before`` continues it."""
+
+    messages: list[ChannelMessage]
+    next_before: str | None

@@ -1,0 +1,99 @@
+"""The two seams every backend plugs into. A backend is one module implementing one of these.
+
+Backends raise whatever their driver raises; the send path puts its own timeouts around every
+call and decides what a failure means. Backends do no I/O in their constructors: `connect()`
+(called once by `open_dualwrite`) opens connections and creates schema.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from dualwrite.model import ChannelRef, HistoryPage, PermanentWrite, RealtimeMessage, StoredMessage
+
+
+@dataclass(frozen=True, slots=True)
+class SendKey:
+    """A client's idempotency key for one send (its `clientMessageId`), scoped to its user."""
+
+    workspace_id: str
+    user_id: str
+    client_message_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendClaim:
+    """The id and send time a `SendKey` is bound to, and a fingerprint of what was sent."""
+
+    message_id: str
+    timestamp: int
+    fingerprint: str
+
+
+class RealtimeTier(Protocol):
+    """Instant delivery: entries live one hour and reach every live subscriber of the channel."""
+
+    async def connect(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def write(self, channel: ChannelRef, message: RealtimeMessage) -> None:
+        """Set `messages/{ws}/{ch}/{id}`, notify live subscribers; a rewrite replaces it."""
+        ...
+
+    async def read(self, channel: ChannelRef, message_id: str) -> RealtimeMessage | None:
+        """One unexpired entry, or None."""
+        ...
+
+    async def read_since(
+        self, channel: ChannelRef, after_id: str | None, limit: int
+    ) -> list[RealtimeMessage]:
+        """Unexpired entries with ids greater than ``after_id`` (all if None), in id order."""
+        ...
+
+    async def delete(self, channel: ChannelRef, message_id: str) -> None: ...
+
+    def subscribe(
+        self, channel: ChannelRef, after_id: str | None = None
+    ) -> AsyncIterator[RealtimeMessage]:
+        """New entries of the channel as they are written, across processes sharing the tier.
+
+        With ``after_id``, unexpired entries after that id come first, so a reconnecting client
+        misses nothing; no id is yielded twice by one iterator.
+        """
+        ...
+
+    async def sweep_expired(self, now_ms: int) -> int:
+        """Delete entries whose `ttl` has passed; returns how many were deleted."""
+        ...
+
+    async def claim_send(self, key: SendKey, claim: SendClaim, ttl_ms: int) -> SendClaim:
+        """Bind ``key`` to ``claim`` unless it is bound already; return the binding that holds.
+
+        Atomic across processes sharing the tier, and kept as long as a realtime entry.
+        """
+        ...
+
+
+class PermanentStore(Protocol):
+    """Permanent history, at `workspaces/{ws}/channels/{ch}/messages/{id}`."""
+
+    async def connect(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def save(self, write: PermanentWrite) -> None:
+        """Write the record unless one with this id exists in the channel (idempotent).
+
+        `timestamp` is the store's time, or ``write.sent_at`` when ``write.keep_sent_time``;
+        `createdAt` is always the store's time at the write.
+        """
+        ...
+
+    async def get(self, channel: ChannelRef, message_id: str) -> StoredMessage | None: ...
+
+    async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:
+        """Newest first, ordered by (`timestamp`, `messageId`), strictly before the cursor."""
+        ...

@@ -1,0 +1,179 @@
+"""The durable retry queue: permanent writes that failed, kept on local disk until they land.
+
+SQLite in WAL mode with synchronous=FULL: once `put` returns, the entry survives the process
+being killed and the machine losing power. A send answers "pending" only after that.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+from dualwrite._sqlite import SqliteThread
+from dualwrite.model import ChannelRef, PermanentWrite
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pending_writes (
+    workspace_id    TEXT NOT NULL,
+    channel_id      TEXT NOT NULL,
+    message_id      TEXT NOT NULL,
+    user_id         TEXT NOT NULL,
+    user_name       TEXT NOT NULL,
+    text            TEXT NOT NULL,
+    sent_at         INTEGER NOT NULL,
+    enqueued_at     INTEGER NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    last_error      TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (workspace_id, channel_id, message_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS pending_writes_due ON pending_writes (next_attempt_at);
+CREATE INDEX IF NOT EXISTS pending_writes_id ON pending_writes (message_id);
+"""
+
+_COLUMNS = (
+    "workspace_id, channel_id, message_id, user_id, user_name, text, sent_at, "
+    "enqueued_at, attempts, next_attempt_at, last_error"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedWrite:
+    """One waiting permanent write and its retry bookkeeping (times in ms since the epoch)."""
+
+    write: PermanentWrite
+    enqueued_at: int
+    attempts: int
+    next_attempt_at: int
+    last_error: str
+
+    @property
+    def message_id(self) -> str:
+        return self.write.message_id
+
+
+class RetryQueue:
+    """Failed permanent writes, keyed by channel and message id (a write is queued once)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._db = SqliteThread(path, synchronous="FULL", schema=_SCHEMA, name="dualwrite-queue")
+
+    async def open(self) -> None:
+        await self._db.open()
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def put(self, write: PermanentWrite, error: str, now_ms: int) -> None:
+        """Queue ``write``, due at once; a write already queued keeps its history."""
+        await self._db.call(_put, write, error, now_ms)
+
+    async def due(self, now_ms: int, limit: int) -> list[QueuedWrite]:
+        """Entries whose next attempt is due, the longest-waiting first."""
+        return await self._db.call(
+            _select, "WHERE next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?", now_ms, limit
+        )
+
+    async def find(self, message_id: str) -> QueuedWrite | None:
+        found = await self._db.call(_select, "WHERE message_id = ? LIMIT 1", message_id)
+        return found[0] if found else None
+
+    async def entries(self, limit: int = 1000, user_id: str | None = None) -> list[QueuedWrite]:
+        """Waiting entries in the order they were queued, optionally of one user only."""
+        if user_id is None:
+            return await self._db.call(_select, "ORDER BY enqueued_at, message_id LIMIT ?", limit)
+        return await self._db.call(
+            _select, "WHERE user_id = ? ORDER BY enqueued_at, message_id LIMIT ?", user_id, limit
+        )
+
+    async def count(self) -> int:
+        return await self._db.call(_count)
+
+    async def reschedule(self, entry: QueuedWrite, next_attempt_at: int, error: str) -> None:
+        await self._db.call(_reschedule, entry.write, next_attempt_at, error)
+
+    async def remove(self, channel: ChannelRef, message_id: str) -> None:
+        await self._db.call(_remove, channel, message_id)
+
+
+def _put(db: sqlite3.Connection, write: PermanentWrite, error: str, now_ms: int) -> None:
+    db.execute(
+        f"INSERT INTO pending_writes ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?) "
+        "ON CONFLICT DO UPDATE SET next_attempt_at = excluded.next_attempt_at, "
+        "last_error = excluded.last_error",
+        (
+            write.channel.workspace_id,
+            write.channel.channel_id,
+            write.message_id,
+            write.user_id,
+            write.user_name,
+            write.text,
+            write.sent_at,
+            now_ms,
+            now_ms,
+            error,
+        ),
+    )
+
+
+def _select(db: sqlite3.Connection, clause: str, *params: object) -> list[QueuedWrite]:
+    rows = db.execute(f"SELECT {_COLUMNS} FROM pending_writes {clause}", params).fetchall()
+    return [
+        QueuedWrite(
+            write=PermanentWrite(
+                channel=ChannelRef(ws, ch),
+                message_id=message_id,
+                user_id=user_id,
+                user_name=user_name,
+                text=text,
+                sent_at=sent_at,
+                keep_sent_time=True,
+            ),
+            enqueued_at=enqueued_at,
+            attempts=attempts,
+            next_attempt_at=next_attempt_at,
+            last_error=last_error,
+        )
+        for (
+            ws,
+            ch,
+            message_id,
+            user_id,
+            user_name,
+            text,
+            sent_at,
+            enqueued_at,
+            attempts,
+            next_attempt_at,
+            last_error,
+        ) in rows
+    ]
+
+
+def _count(db: sqlite3.Connection) -> int:
+    (count,) = db.execute("SELECT count(*) FROM pending_writes").fetchone()
+    return int(count)
+
+
+def _reschedule(
+    db: sqlite3.Connection, write: PermanentWrite, next_attempt_at: int, error: str
+) -> None:
+    db.execute(
+        "UPDATE pending_writes SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? "
+        "WHERE workspace_id = ? AND channel_id = ? AND message_id = ?",
+        (
+            next_attempt_at,
+            error,
+            write.channel.workspace_id,
+            write.channel.channel_id,
+            write.message_id,
+        ),
+    )
+
+
+def _remove(db: sqlite3.Connection, channel: ChannelRef, message_id: str) -> None:
+    db.execute(
+        "DELETE FROM pending_writes WHERE workspace_id = ? AND channel_id = ? AND message_id = ?",
+        (channel.workspace_id, channel.channel_id, message_id),
+    )

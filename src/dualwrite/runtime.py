@@ -1,0 +1,208 @@
+"""One place that builds a configured `dualwrite`: the server and the CLI both call it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from dualwrite import metrics
+from dualwrite.backends import BackendContext, create_permanent_store, create_realtime_tier
+from dualwrite.clock import Clock, SystemClock
+from dualwrite.model import (
+    ChannelHistory,
+    ChannelMessage,
+    RealtimeMessage,
+    SendResult,
+    StoredMessage,
+    User,
+    history_cursor,
+    parse_history_cursor,
+)
+from dualwrite.ports import PermanentStore, RealtimeTier
+from dualwrite.reporting import init_sentry
+from dualwrite.retrier import Backoff, Retrier, RetryReport
+from dualwrite.retry_queue import QueuedWrite, RetryQueue
+from dualwrite.send import DualWriter, SendLimits
+from dualwrite.settings import Settings
+from dualwrite.validation import check_channel, check_id
+
+log = logging.getLogger("dualwrite.runtime")
+
+_REALTIME_SCAN_LIMIT = 10_000
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """One message in each place it can be: the specification's "console" check."""
+
+    message_id: str
+    realtime: RealtimeMessage | None
+    permanent: StoredMessage | None
+    queued: QueuedWrite | None
+
+
+class DualWrite:
+    """A running `dualwrite`: send, read, retry. Get one from `open_dualwrite`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        realtime: RealtimeTier,
+        store: PermanentStore,
+        queue: RetryQueue,
+        clock: Clock,
+    ) -> None:
+        self.settings = settings
+        self.realtime = realtime
+        self.store = store
+        self.queue = queue
+        self.clock = clock
+        self.sender = DualWriter(
+            realtime,
+            store,
+            queue,
+            clock,
+            SendLimits(
+                realtime_timeout_s=settings.realtime_timeout_s,
+                permanent_timeout_s=settings.permanent_timeout_s,
+                max_text_chars=settings.max_text_chars,
+            ),
+        )
+        self.retrier = Retrier(
+            queue,
+            store,
+            clock,
+            timeout_s=settings.permanent_timeout_s,
+            backoff=Backoff(settings.retry_base_s, settings.retry_cap_s),
+        )
+
+    async def send_message(
+        self,
+        workspace_id: str,
+        channel_id: str,
+        text: str,
+        user: User,
+        *,
+        client_message_id: str | None = None,
+    ) -> SendResult:
+        """Send a message: see `dualwrite.send`. Returns its id and "saved" or "pending"."""
+        return await self.sender.send_message(
+            workspace_id, channel_id, text, user, client_message_id=client_message_id
+        )
+
+    async def retry(self, message_id: str) -> bool:
+        """Manual retry of one queued permanent write (same id); True once it is saved."""
+        check_id("messageId", message_id)
+        return await self.retrier.retry_message(message_id)
+
+    async def retry_all(self) -> RetryReport:
+        """Manual retry of every queued permanent write."""
+        return await self.retrier.retry_all()
+
+    async def pending(self, user_id: str | None = None, limit: int = 1000) -> list[QueuedWrite]:
+        """Writes waiting in the retry queue, optionally one user's only."""
+        return await self.queue.entries(limit=limit, user_id=user_id)
+
+    async def history(
+        self, workspace_id: str, channel_id: str, before: str | None = None, limit: int = 50
+    ) -> ChannelHistory:
+        """A page of the channel, newest first: the permanent store merged with realtime
+        entries not saved yet, each message once."""
+        channel = check_channel(workspace_id, channel_id)
+        bound = parse_history_cursor(before) if before is not None else None
+        page = await self.store.history(channel, before, limit)
+        merged = [ChannelMessage.from_stored(m) for m in page.messages]
+        shown = {m.message_id for m in merged}
+        # Below a full page's oldest entry lies the next page's business.
+        floor = merged[-1].sort_key if page.next_before and merged else None
+        for entry in await self.realtime.read_since(channel, None, _REALTIME_SCAN_LIMIT):
+            candidate = ChannelMessage.from_realtime(channel, entry)
+            if candidate.message_id in shown:
+                continue
+            if (bound and candidate.sort_key >= bound) or (floor and candidate.sort_key < floor):
+                continue
+            if await self.store.get(channel, candidate.message_id) is None:
+                merged.append(candidate)
+        merged.sort(key=lambda m: m.sort_key, reverse=True)
+        more = page.next_before is not None or len(merged) > limit
+        merged = merged[:limit]
+        next_before = history_cursor(*merged[-1].sort_key) if more and merged else None
+        return ChannelHistory(merged, next_before)
+
+    def subscribe(
+        self, workspace_id: str, channel_id: str, after_id: str | None = None
+    ) -> AsyncIterator[RealtimeMessage]:
+        """Live messages of a channel; with ``after_id``, what came after it first."""
+        return self.realtime.subscribe(check_channel(workspace_id, channel_id), after_id)
+
+    async def inspect(self, workspace_id: str, channel_id: str, message_id: str) -> Inspection:
+        channel = check_channel(workspace_id, channel_id)
+        check_id("messageId", message_id)
+        return Inspection(
+            message_id,
+            await self.realtime.read(channel, message_id),
+            await self.store.get(channel, message_id),
+            await self.queue.find(message_id),
+        )
+
+    async def sweep(self) -> int:
+        """Delete expired realtime entries now; returns how many."""
+        return await self.realtime.sweep_expired(self.clock.now_ms())
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval_s)
+            try:
+                deleted = await self.sweep()
+            except Exception:
+                log.exception("realtime sweep failed")
+            else:
+                if deleted:
+                    log.info("swept expired realtime entries: count=%d", deleted)
+
+
+@contextlib.asynccontextmanager
+async def open_dualwrite(
+    settings: Settings | None = None,
+    *,
+    realtime: RealtimeTier | None = None,
+    store: PermanentStore | None = None,
+    clock: Clock | None = None,
+    background: bool = True,
+) -> AsyncIterator[DualWrite]:
+    """Connect the configured backends (or the ones given) and yield a `DualWrite`.
+
+    With ``background`` the retrier and the TTL sweeper run until the block exits. Backends
+    passed in are connected and closed here too.
+    """
+    settings = settings or Settings.from_env()
+    clock = clock or SystemClock()
+    init_sentry(settings.sentry_dsn)
+    context = BackendContext(
+        clock=clock, call_timeout_s=max(settings.realtime_timeout_s, settings.permanent_timeout_s)
+    )
+    realtime = realtime or create_realtime_tier(settings.realtime_url, context)
+    store = store or create_permanent_store(settings.store_url, context)
+    queue = RetryQueue(settings.queue_path)
+    async with contextlib.AsyncExitStack() as stack:
+        await realtime.connect()
+        stack.push_async_callback(realtime.close)
+        await store.connect()
+        stack.push_async_callback(store.close)
+        await queue.open()
+        stack.push_async_callback(queue.close)
+        app = DualWrite(settings, realtime, store, queue, clock)
+        metrics.QUEUE_DEPTH.set(await queue.count())
+        tasks: list[asyncio.Task[None]] = []
+        if background:
+            tasks.append(asyncio.create_task(app.retrier.run(settings.retry_poll_s)))
+            tasks.append(asyncio.create_task(app._sweep_forever()))
+        try:
+            yield app
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,139 @@
+"""The realtime-tier contract: every backend in conftest.REALTIME_KINDS must pass it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dualwrite.clock import ManualClock
+from dualwrite.ids import PushIdGenerator
+from dualwrite.model import REALTIME_TTL_MS, ChannelRef, RealtimeMessage
+from dualwrite.ports import RealtimeTier, SendClaim, SendKey
+from tests.conftest import unique
+
+
+def make_message(clock: ManualClock, ids: PushIdGenerator, text: str = "hi") -> RealtimeMessage:
+    now = clock.now_ms()
+    return RealtimeMessage(ids.new_id(), "u1", "Ada", text, now, now + REALTIME_TTL_MS)
+
+
+@pytest.fixture
+def channel() -> ChannelRef:
+    return ChannelRef(unique("ws"), unique("ch"))
+
+
+@pytest.fixture
+def ids(clock: ManualClock) -> PushIdGenerator:
+    return PushIdGenerator(clock.now_ms)
+
+
+async def test_write_then_read_returns_the_exact_record(
+    realtime: RealtimeTier, channel: ChannelRef, clock: ManualClock, ids: PushIdGenerator
+) -> None:
+    message = make_message(clock, ids, "héllo 👋 \u202eRTL\n\ttab")
+    await realtime.write(channel, message)
+    assert await realtime.read(channel, message.message_id) == message
+    assert await realtime.read(channel, "-missing") is None
+    assert message.to_wire() == {
+        "userId": "u1",
+        "userName": "Ada",
+        "text": "héllo 👋 \u202eRTL\n\ttab",
+        "timestamp": message.timestamp,
+        "ttl": message.timestamp + 3_600_000,
+    }
+
+
+async def test_read_since_lists_in_id_order_after_the_given_id(
+    realtime: RealtimeTier, channel: ChannelRef, clock: ManualClock, ids: PushIdGenerator
+) -> None:
+    messages = [make_message(clock, ids, f"m{i}") for i in range(5)]
+    for message in reversed(messages):
+        await realtime.write(channel, message)
+    assert await realtime.read_since(channel, None, 100) == messages
+    assert await realtime.read_since(channel, messages[1].message_id, 100) == messages[2:]
+    assert await realtime.read_since(channel, None, 2) == messages[:2]
+    other = ChannelRef(channel.workspace_id, unique("other"))
+    assert await realtime.read_since(other, None, 100) == []
+
+
+async def test_rewriting_an_id_keeps_one_entry(
+    realtime: RealtimeTier, channel: ChannelRef, clock: ManualClock, ids: PushIdGenerator
+) -> None:
+    message = make_message(clock, ids)
+    await realtime.write(channel, message)
+    await realtime.write(channel, message)
+    assert await realtime.read_since(channel, None, 100) == [message]
+
+
+async def test_delete_removes_the_entry(
+    realtime: RealtimeTier, channel: ChannelRef, clock: ManualClock, ids: PushIdGenerator
+) -> None:
+    kept, gone = make_message(clock, ids), make_message(clock, ids)
+    await realtime.write(channel, kept)
+    await realtime.write(channel, gone)
+    await realtime.delete(channel, gone.message_id)
+    assert await realtime.read(channel, gone.message_id) is None
+    assert await realtime.read_since(channel, None, 100) == [kept]
+
+
+async def test_expired_entries_are_never_read_and_are_swept(
+    realtime: RealtimeTier, channel: ChannelRef, clock: ManualClock, ids: PushIdGenerator
+) -> None:
+    old = make_message(clock, ids, "old")
+    await realtime.write(channel, old)
+    clock.advance(REALTIME_TTL_MS - 1000)
+    young = make_message(clock, ids, "young")
+    await realtime.write(channel, young)
+    assert await realtime.read(channel, old.message_id) == old
+    clock.advance(1000)  # exactly at old.ttl: expired
+    assert await realtime.read(channel, old.message_id) is None
+    assert await realtime.read_since(channel, None, 100) == [young]
+    await realtime.sweep_expired(clock.now_ms())
+    assert await realtime.read_since(channel, None, 100) == [young]
+    clock.advance(REALTIME_TTL_MS)
+    await realtime.sweep_expired(clock.now_ms())
+    assert await realtime.read_since(channel, None, 100) == []
+
+
+async def test_subscribers_receive_new_messages_live(
+    realtime: RealtimeTier, channel: ChannelRef, clock: ManualClock, ids: PushIdGenerator
+) -> None:
+    stream = realtime.subscribe(channel)
+    first = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0.2)  # let the subscription reach the backend
+    message = make_message(clock, ids)
+    await realtime.write(channel, message)
+    assert await asyncio.wait_for(first, 5) == message
+    second = make_message(clock, ids)
+    await realtime.write(channel, second)
+    assert await asyncio.wait_for(anext(stream), 5) == second
+    await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def test_resubscribing_after_an_id_replays_what_was_missed_once_in_order(
+    realtime: RealtimeTier, channel: ChannelRef, clock: ManualClock, ids: PushIdGenerator
+) -> None:
+    seen = make_message(clock, ids, "seen")
+    missed = [make_message(clock, ids, f"missed{i}") for i in range(3)]
+    for message in (seen, *missed):
+        await realtime.write(channel, message)
+    stream = realtime.subscribe(channel, after_id=seen.message_id)
+    got = [await asyncio.wait_for(anext(stream), 5) for _ in missed]
+    assert got == missed
+    live = make_message(clock, ids, "live")
+    await asyncio.sleep(0.1)
+    await realtime.write(channel, missed[0])  # a rewrite must not be delivered twice
+    await realtime.write(channel, live)
+    assert await asyncio.wait_for(anext(stream), 5) == live
+    await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def test_claim_send_binds_a_key_once(realtime: RealtimeTier, clock: ManualClock) -> None:
+    key = SendKey(unique("ws"), "u1", "client-1")
+    first = SendClaim("-first", 1, "f1")
+    assert await realtime.claim_send(key, first, REALTIME_TTL_MS) == first
+    assert await realtime.claim_send(key, SendClaim("-second", 2, "f2"), REALTIME_TTL_MS) == first
+    other_user = SendKey(key.workspace_id, "u2", "client-1")
+    second = SendClaim("-other", 3, "f3")
+    assert await realtime.claim_send(other_user, second, REALTIME_TTL_MS) == second

@@ -1,0 +1,130 @@
+"""Shared fixtures. Backends are listed once here; every contract suite runs over all of them.
+
+Service-backed backends are marked (``redis``, ``postgres``, ``firebase``) and skipped only when
+their URL variable is unset; `.ci/run` sets them all, so CI runs everything.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from dualwrite.backends import BackendContext, create_permanent_store, create_realtime_tier
+from dualwrite.clock import ManualClock, SystemClock
+from dualwrite.faults import Faults, FaultyPermanentStore, FaultyRealtimeTier
+from dualwrite.ports import PermanentStore, RealtimeTier
+from dualwrite.runtime import DualWrite, open_dualwrite
+from dualwrite.settings import Settings
+
+
+def unique(prefix: str = "t") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
+def _service_url(variable: str) -> str:
+    url = os.environ.get(variable)
+    if not url:
+        pytest.skip(f"{variable} is not set")
+    return url
+
+
+def realtime_url(kind: str, tmp_path: Path) -> str:
+    if kind == "memory":
+        return "memory://"
+    if kind == "redis":
+        return f"{_service_url('DUALWRITE_TEST_REDIS_URL')}?prefix={unique()}:"
+    raise AssertionError(kind)
+
+
+def store_url(kind: str, tmp_path: Path) -> str:
+    if kind == "memory":
+        return "memory://"
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path}/messages.db"
+    if kind == "postgres":
+        return f"{_service_url('DUALWRITE_TEST_POSTGRES_URL')}?schema={unique()}"
+    raise AssertionError(kind)
+
+
+REALTIME_KINDS = [
+    pytest.param("memory", id="rt-memory"),
+    pytest.param("redis", id="rt-redis", marks=pytest.mark.redis),
+]
+STORE_KINDS = [
+    pytest.param("memory", id="store-memory"),
+    pytest.param("sqlite", id="store-sqlite"),
+    pytest.param("postgres", id="store-postgres", marks=pytest.mark.postgres),
+]
+# The pairs a deployment runs: the embedded default and each production pair.
+PAIRS = [
+    pytest.param(("memory", "sqlite"), id="embedded"),
+    pytest.param(
+        ("redis", "postgres"), id="redis+postgres", marks=[pytest.mark.redis, pytest.mark.postgres]
+    ),
+]
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(SystemClock().now_ms())
+
+
+@pytest.fixture(params=REALTIME_KINDS)
+async def realtime(
+    request: pytest.FixtureRequest, clock: ManualClock, tmp_path: Path
+) -> AsyncIterator[RealtimeTier]:
+    tier = create_realtime_tier(realtime_url(request.param, tmp_path), BackendContext(clock))
+    await tier.connect()
+    yield tier
+    await tier.close()
+
+
+@pytest.fixture(params=STORE_KINDS)
+async def store(
+    request: pytest.FixtureRequest, clock: ManualClock, tmp_path: Path
+) -> AsyncIterator[PermanentStore]:
+    permanent = create_permanent_store(store_url(request.param, tmp_path), BackendContext(clock))
+    await permanent.connect()
+    yield permanent
+    await permanent.close()
+
+
+@dataclass
+class Harness:
+    """A running dualwrite whose two backends fail on demand."""
+
+    dw: DualWrite
+    realtime_faults: Faults
+    store_faults: Faults
+    clock: ManualClock
+    realtime: FaultyRealtimeTier
+    store: FaultyPermanentStore
+
+
+@pytest.fixture(params=PAIRS)
+async def harness(
+    request: pytest.FixtureRequest, clock: ManualClock, tmp_path: Path
+) -> AsyncIterator[Harness]:
+    realtime_kind, store_kind = request.param
+    context = BackendContext(clock)
+    realtime_faults, store_faults = Faults(), Faults()
+    realtime = FaultyRealtimeTier(
+        create_realtime_tier(realtime_url(realtime_kind, tmp_path), context), realtime_faults
+    )
+    store = FaultyPermanentStore(
+        create_permanent_store(store_url(store_kind, tmp_path), context), store_faults
+    )
+    settings = Settings(
+        queue_path=str(tmp_path / "queue.db"),
+        realtime_timeout_s=0.5,
+        permanent_timeout_s=0.5,
+    )
+    async with open_dualwrite(
+        settings, realtime=realtime, store=store, clock=clock, background=False
+    ) as dw:
+        yield Harness(dw, realtime_faults, store_faults, clock, realtime, store)
