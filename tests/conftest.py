@@ -47,7 +47,7 @@ def store_url(kind: str, tmp_path: Path) -> str:
     if kind == "sqlite":
         return f"sqlite:///{tmp_path}/messages.db"
     if kind == "postgres":
-        return f"{_service_url('DUALWRITE_TEST_POSTGRES_URL')}?schema={unique()}"
+        return f"{_service_url('DUALWRITE_TEST_POSTGRES_URL')}?schema={unique()}&migrate=1"
     raise AssertionError(kind)
 
 

@@ -39,7 +39,7 @@ class PushIdGenerator:
             else:
                 self._last_random = [secrets.randbelow(_BASE) for _ in range(_RANDOM_CHARS)]
             self._last_ms = now
-            return _encode_time(now) + "".join(PUSH_CHARS[i] for i in self._last_random)
+            return time_prefix(now) + "".join(PUSH_CHARS[i] for i in self._last_random)
 
     def _increment_random(self) -> None:
         for position in range(_RANDOM_CHARS - 1, -1, -1):
@@ -51,7 +51,8 @@ class PushIdGenerator:
         self._last_ms += 1
 
 
-def _encode_time(ms: int) -> str:
+def time_prefix(ms: int) -> str:
+    """The eight leading characters of every push id made in millisecond ``ms``."""
     chars = []
     for _ in range(_TIME_CHARS):
         chars.append(PUSH_CHARS[ms % _BASE])

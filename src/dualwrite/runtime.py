@@ -182,7 +182,9 @@ async def open_dualwrite(
     clock = clock or SystemClock()
     init_sentry(settings.sentry_dsn)
     context = BackendContext(
-        clock=clock, call_timeout_s=max(settings.realtime_timeout_s, settings.permanent_timeout_s)
+        clock=clock,
+        call_timeout_s=max(settings.realtime_timeout_s, settings.permanent_timeout_s),
+        migrate_on_start=settings.migrate_on_start,
     )
     realtime = realtime or create_realtime_tier(settings.realtime_url, context)
     store = store or create_permanent_store(settings.store_url, context)

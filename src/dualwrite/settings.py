@@ -32,6 +32,8 @@ class Settings:
     retry_poll_s: float = 1.0
     sweep_interval_s: float = 60.0
     sentry_dsn: str | None = None
+    migrate_on_start: bool = False
+    """Create or upgrade the permanent store's schema on connect (else: `dualwrite migrate`)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

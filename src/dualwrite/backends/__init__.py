@@ -26,6 +26,8 @@ class BackendContext:
     clock: Clock = field(default_factory=SystemClock)
     call_timeout_s: float = 5.0
     """Upper bound for one backend call; drivers that take a timeout are given this one."""
+    migrate_on_start: bool = False
+    """Stores with a schema (PostgreSQL) create or upgrade it when they connect."""
 
 
 REALTIME_BACKENDS: dict[str, str] = {

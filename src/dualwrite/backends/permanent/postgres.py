@@ -1,0 +1,208 @@
+"""PostgreSQL permanent store (`postgresql://user@host:port/db?schema=dualwrite`), psycopg 3.
+
+Times are `timestamptz` truncated to the millisecond, so they round-trip exactly as the
+milliseconds the rest of dualwrite speaks, and history cursors compare exactly.
+Create the schema with `dualwrite migrate` (or `DUALWRITE_MIGRATE_ON_START=1`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
+
+from dualwrite.backends import BackendContext
+from dualwrite.errors import BackendError
+from dualwrite.model import (
+    ChannelRef,
+    HistoryPage,
+    PermanentWrite,
+    StoredMessage,
+    parse_history_cursor,
+)
+
+SCHEMA_VERSION = 1
+
+_MIGRATIONS = [
+    # Version 1: the messages table and the index serving history pages.
+    """
+    CREATE TABLE IF NOT EXISTS {schema}.messages (
+        workspace_id text NOT NULL,
+        channel_id   text NOT NULL,
+        message_id   text NOT NULL,
+        user_id      text NOT NULL,
+        user_name    text NOT NULL,
+        text         text NOT NULL,
+        "timestamp"  timestamptz NOT NULL,
+        created_at   timestamptz NOT NULL,
+        PRIMARY KEY (workspace_id, channel_id, message_id)
+    );
+    CREATE INDEX IF NOT EXISTS messages_history
+        ON {schema}.messages (workspace_id, channel_id, "timestamp" DESC, message_id DESC);
+    """,
+]
+
+_MS = "(extract(epoch FROM {col}) * 1000)::bigint"
+_SELECT = (
+    "SELECT workspace_id, channel_id, message_id, user_id, user_name, text, "
+    + _MS.format(col='"timestamp"')
+    + ", "
+    + _MS.format(col="created_at")
+    + " FROM {schema}.messages "
+)
+_NOW = "date_trunc('milliseconds', now())"
+_FROM_MS = "(timestamptz 'epoch' + %s * interval '1 millisecond')"
+
+
+class SchemaMissing(BackendError):
+    """The database has no (or an older) dualwrite schema: run `dualwrite migrate`."""
+
+
+class PostgresPermanentStore:
+    def __init__(
+        self, conninfo: str, schema: str, *, timeout_s: float, migrate_on_connect: bool
+    ) -> None:
+        self._conninfo = conninfo
+        self._schema = sql.Identifier(schema)
+        self._schema_name = schema
+        self._timeout_s = timeout_s
+        self._migrate_on_connect = migrate_on_connect
+        self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
+
+    async def connect(self) -> None:
+        self._pool = AsyncConnectionPool(
+            self._conninfo,
+            min_size=1,
+            max_size=10,
+            open=False,
+            timeout=self._timeout_s,
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": max(1, int(self._timeout_s)),
+                "options": f"-c statement_timeout={int(self._timeout_s * 1000)}",
+            },
+        )
+        try:
+            await self._pool.open(wait=True, timeout=self._timeout_s)
+        except Exception as exc:
+            await self._pool.close()
+            self._pool = None
+            raise BackendError(f"cannot reach PostgreSQL at {_redacted(self._conninfo)}") from exc
+        if self._migrate_on_connect:
+            await self.migrate()
+        elif await self.schema_version() < SCHEMA_VERSION:
+            raise SchemaMissing(
+                f"schema {self._schema_name!r} is not at version {SCHEMA_VERSION}: "
+                "run `dualwrite migrate` (or set DUALWRITE_MIGRATE_ON_START=1)"
+            )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    def _q(self, text: str) -> sql.Composed:
+        return sql.SQL(text).format(schema=self._schema)
+
+    @property
+    def _p(self) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
+        if self._pool is None:
+            raise RuntimeError("PostgresPermanentStore is not connected")
+        return self._pool
+
+    async def schema_version(self) -> int:
+        async with self._p.connection() as conn:
+            cur = await conn.execute(
+                "SELECT obj_description(to_regnamespace(%s), 'pg_namespace')", (self._schema_name,)
+            )
+            row = await cur.fetchone()
+        comment = row[0] if row else None
+        return int(comment.removeprefix("dualwrite schema v")) if comment else 0
+
+    async def migrate(self) -> int:
+        """Bring the schema to the current version; safe to run concurrently and repeatedly."""
+        async with self._p.connection() as conn, conn.transaction():
+            # One migrator at a time, across every process sharing the database.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self._schema_name,))
+            await conn.execute(self._q("CREATE SCHEMA IF NOT EXISTS {schema}"))
+            for step in _MIGRATIONS:
+                await conn.execute(self._q(step))
+            await conn.execute(
+                self._q("COMMENT ON SCHEMA {schema} IS ")
+                + sql.Literal(f"dualwrite schema v{SCHEMA_VERSION}")
+            )
+        return SCHEMA_VERSION
+
+    async def save(self, write: PermanentWrite) -> None:
+        async with self._p.connection() as conn:
+            await conn.execute(
+                self._q(
+                    "INSERT INTO {schema}.messages (workspace_id, channel_id, message_id, "
+                    'user_id, user_name, text, "timestamp", created_at) '
+                    f"VALUES (%s, %s, %s, %s, %s, %s, COALESCE({_FROM_MS}, {_NOW}), {_NOW}) "
+                    "ON CONFLICT DO NOTHING"
+                ),
+                (
+                    write.channel.workspace_id,
+                    write.channel.channel_id,
+                    write.message_id,
+                    write.user_id,
+                    write.user_name,
+                    write.text,
+                    write.sent_at if write.keep_sent_time else None,
+                ),
+            )
+
+    async def get(self, channel: ChannelRef, message_id: str) -> StoredMessage | None:
+        async with self._p.connection() as conn:
+            cur = await conn.execute(
+                self._q(
+                    _SELECT + "WHERE workspace_id = %s AND channel_id = %s AND message_id = %s"
+                ),
+                (channel.workspace_id, channel.channel_id, message_id),
+            )
+            row = await cur.fetchone()
+        return _to_message(row) if row else None
+
+    async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:
+        where = "WHERE workspace_id = %s AND channel_id = %s "
+        params: list[object] = [channel.workspace_id, channel.channel_id]
+        if before is not None:
+            where += f'AND ("timestamp", message_id) < ({_FROM_MS}, %s) '
+            params += list(parse_history_cursor(before))
+        async with self._p.connection() as conn:
+            cur = await conn.execute(
+                self._q(_SELECT + where + 'ORDER BY "timestamp" DESC, message_id DESC LIMIT %s'),
+                (*params, limit + 1),
+            )
+            rows = await cur.fetchall()
+        return HistoryPage.from_candidates([_to_message(r) for r in rows], limit)
+
+
+def _to_message(row: tuple[Any, ...]) -> StoredMessage:
+    ws, ch, message_id, user_id, user_name, text, timestamp, created_at = row
+    return StoredMessage(
+        ChannelRef(ws, ch), message_id, user_id, user_name, text, int(timestamp), int(created_at)
+    )
+
+
+def _redacted(conninfo: str) -> str:
+    parts = urlsplit(conninfo)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return conninfo
+
+
+def create(url: str, context: BackendContext) -> PostgresPermanentStore:
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    schema = query.pop("schema", "dualwrite")
+    migrate = query.pop("migrate", "").lower() in ("1", "true", "yes") or context.migrate_on_start
+    conninfo = urlunsplit(parts._replace(scheme="postgresql", query=urlencode(query)))
+    return PostgresPermanentStore(
+        conninfo, schema, timeout_s=context.call_timeout_s, migrate_on_connect=migrate
+    )

@@ -1,0 +1,178 @@
+"""Redis realtime tier (`redis://host:port/db?prefix=dualwrite:`), with redis-py's asyncio client.
+
+Per channel, under one hash tag so a cluster keeps them on one slot:
+- `{prefix}{ws/ch}:msg:{id}`: the record (JSON), expiring by Redis's own TTL at `ttl`;
+- `{prefix}{ws/ch}:index`: a sorted set of the channel's ids, for reads in id order;
+- `{prefix}{ws/ch}:stream`: a stream of every write, trimmed to the last hour, which live
+  subscribers read from their last position, so a reconnect misses nothing (pub/sub would).
+A write touches all three in one Lua call, so a reader never sees half of it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+
+from dualwrite.backends import BackendContext
+from dualwrite.backends._recent import RecentIds
+from dualwrite.clock import Clock
+from dualwrite.ids import time_prefix
+from dualwrite.model import REALTIME_TTL_MS, ChannelRef, RealtimeMessage
+from dualwrite.ports import SendClaim, SendKey
+
+_WRITE = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local minid = string.format('%d', now_ms - tonumber(ARGV[5]))
+local sid = redis.call('XADD', KEYS[3], 'MINID', '~', minid, '*', 'id', ARGV[1], 'data', ARGV[2])
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('ZADD', KEYS[2], 0, ARGV[1])
+redis.call('ZREMRANGEBYLEX', KEYS[2], '-', '(' .. ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('PEXPIRE', KEYS[3], ARGV[5])
+return sid
+"""
+
+_BLOCK_MS = 1000
+
+
+class RedisRealtimeTier:
+    def __init__(self, url: str, prefix: str, clock: Clock, timeout_s: float) -> None:
+        self._url = url
+        self._prefix = prefix
+        self._clock = clock
+        self._timeout_s = timeout_s
+        self._redis: aioredis.Redis | None = None
+        self._write_script: Any = None
+
+    async def connect(self) -> None:
+        self._redis = aioredis.Redis.from_url(
+            self._url,
+            decode_responses=True,
+            socket_timeout=max(self._timeout_s, _BLOCK_MS / 1000 * 2),
+            socket_connect_timeout=self._timeout_s,
+            health_check_interval=30,
+        )
+        self._write_script = self._redis.register_script(_WRITE)
+        await self._redis.ping()
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    @property
+    def _r(self) -> Any:
+        # Any: redis-py types every reply as bytes-or-str; decode_responses=True makes them str.
+        if self._redis is None:
+            raise RuntimeError("RedisRealtimeTier is not connected")
+        return self._redis
+
+    def _key(self, channel: ChannelRef, part: str) -> str:
+        return f"{self._prefix}{{{channel.workspace_id}/{channel.channel_id}}}:{part}"
+
+    async def write(self, channel: ChannelRef, message: RealtimeMessage) -> None:
+        record = json.dumps(message.to_wire(), ensure_ascii=False, separators=(",", ":"))
+        remaining = max(1, message.ttl - self._clock.now_ms())
+        cutoff = time_prefix(max(0, self._clock.now_ms() - REALTIME_TTL_MS))
+        await self._write_script(
+            keys=[
+                self._key(channel, f"msg:{message.message_id}"),
+                self._key(channel, "index"),
+                self._key(channel, "stream"),
+            ],
+            args=[message.message_id, record, remaining, cutoff, REALTIME_TTL_MS],
+        )
+
+    def _decode(self, message_id: str, raw: str | None) -> RealtimeMessage | None:
+        """The record, unless missing or expired by the (injectable) clock."""
+        if raw is None:
+            return None
+        message = RealtimeMessage.from_wire(message_id, json.loads(raw))
+        return None if message.expired(self._clock.now_ms()) else message
+
+    async def read(self, channel: ChannelRef, message_id: str) -> RealtimeMessage | None:
+        raw = await self._r.get(self._key(channel, f"msg:{message_id}"))
+        return self._decode(message_id, raw)
+
+    async def read_since(
+        self, channel: ChannelRef, after_id: str | None, limit: int
+    ) -> list[RealtimeMessage]:
+        found: list[RealtimeMessage] = []
+        start = "-" if after_id is None else f"({after_id}"
+        while len(found) < limit:
+            ids = await self._r.zrangebylex(self._key(channel, "index"), start, "+", 0, limit)
+            if not ids:
+                break
+            raws = await self._r.mget([self._key(channel, f"msg:{i}") for i in ids])
+            for message_id, raw in zip(ids, raws, strict=True):
+                message = self._decode(message_id, raw)
+                if message is not None and len(found) < limit:
+                    found.append(message)
+            start = f"({ids[-1]}"
+        return found
+
+    async def delete(self, channel: ChannelRef, message_id: str) -> None:
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.delete(self._key(channel, f"msg:{message_id}"))
+            pipe.zrem(self._key(channel, "index"), message_id)
+            await pipe.execute()
+
+    async def subscribe(
+        self, channel: ChannelRef, after_id: str | None = None
+    ) -> AsyncIterator[RealtimeMessage]:
+        stream = self._key(channel, "stream")
+        # Take the stream position before reading the backlog: what is written in between
+        # arrives twice at most, and `seen` drops the repeat.
+        last = await self._r.xrevrange(stream, "+", "-", count=1)
+        position = last[0][0] if last else "0-0"
+        seen = RecentIds()
+        if after_id is not None:
+            for message in await self.read_since(channel, after_id, 1_000_000):
+                seen.first_time(message.message_id)
+                yield message
+        while True:
+            batches = await self._r.xread({stream: position}, count=500, block=_BLOCK_MS)
+            for _, entries in batches or ():
+                for entry_id, fields in entries:
+                    position = entry_id
+                    message = RealtimeMessage.from_wire(fields["id"], json.loads(fields["data"]))
+                    if not message.expired(self._clock.now_ms()) and seen.first_time(
+                        message.message_id
+                    ):
+                        yield message
+
+    async def sweep_expired(self, now_ms: int) -> int:
+        """Redis expires entries by itself; this drops what the clock says has expired early."""
+        deleted = 0
+        async for index in self._r.scan_iter(match=f"{self._prefix}{{*}}:index", count=500):
+            ids = await self._r.zrange(index, 0, -1)
+            base = index[: -len("index")]
+            raws = await self._r.mget([f"{base}msg:{i}" for i in ids]) if ids else []
+            for message_id, raw in zip(ids, raws, strict=True):
+                if raw is None or json.loads(raw)["ttl"] <= now_ms:
+                    await self._r.delete(f"{base}msg:{message_id}")
+                    await self._r.zrem(index, message_id)
+                    deleted += raw is not None
+        return deleted
+
+    async def claim_send(self, key: SendKey, claim: SendClaim, ttl_ms: int) -> SendClaim:
+        name = f"{self._prefix}claim:{key.workspace_id}/{key.user_id}/{key.client_message_id}"
+        value = json.dumps([claim.message_id, claim.timestamp, claim.fingerprint])
+        held = await self._r.set(name, value, nx=True, px=ttl_ms, get=True)
+        if held is None:
+            return claim
+        message_id, timestamp, fingerprint = json.loads(held)
+        return SendClaim(message_id, int(timestamp), fingerprint)
+
+
+def create(url: str, context: BackendContext) -> RedisRealtimeTier:
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    prefix = query.pop("prefix", "dualwrite:")
+    clean = urlunsplit(parts._replace(query=urlencode(query)))
+    return RedisRealtimeTier(clean, prefix, context.clock, context.call_timeout_s)
