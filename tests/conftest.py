@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,8 +47,28 @@ def store_url(kind: str, tmp_path: Path) -> str:
     if kind == "sqlite":
         return f"sqlite:///{tmp_path}/messages.db"
     if kind == "postgres":
-        return f"{_service_url('DUALWRITE_TEST_POSTGRES_URL')}?schema={unique()}&migrate=1"
+        schema = unique("test_")
+        _CREATED_SCHEMAS.append(schema)
+        return f"{_service_url('DUALWRITE_TEST_POSTGRES_URL')}?schema={schema}&migrate=1"
     raise AssertionError(kind)
+
+
+_CREATED_SCHEMAS: list[str] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_test_schemas() -> Iterator[None]:
+    """Each test gets its own PostgreSQL schema; drop them all when the run ends."""
+    yield
+    url = os.environ.get("DUALWRITE_TEST_POSTGRES_URL")
+    if not url or not _CREATED_SCHEMAS:
+        return
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        for schema in _CREATED_SCHEMAS:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
 
 
 REALTIME_KINDS = [

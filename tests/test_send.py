@@ -12,6 +12,7 @@ from dualwrite.faults import InjectedFault
 from dualwrite.model import ChannelRef
 from dualwrite.send import ClientMessageIdReused
 from tests.conftest import Harness, unique
+from tests.support.wait import until
 
 ADA = User("u1", "Ada")
 
@@ -91,6 +92,10 @@ async def test_permanent_failure_delivers_warns_queues_then_retries_in_backgroun
     assert stored.timestamp == sent_at, "a retried write keeps the original send time"
 
 
+async def no_pending(h: Harness) -> bool:
+    return not await h.dw.pending()
+
+
 async def test_background_retrier_task_drains_the_queue(
     harness: Harness, channel: ChannelRef
 ) -> None:
@@ -99,10 +104,7 @@ async def test_background_retrier_task_drains_the_queue(
     assert result.status == "pending"  # type: ignore[attr-defined]
     task = asyncio.create_task(harness.dw.retrier.run(poll_interval_s=0.01))
     try:
-        for _ in range(500):
-            if not await harness.dw.pending():
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: no_pending(harness), 5)
     finally:
         task.cancel()
     assert await harness.dw.pending() == []

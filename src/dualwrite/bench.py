@@ -73,11 +73,11 @@ class BenchReport:
 class Progress:
     """A one-line progress bar on a terminal; a line every 10% elsewhere."""
 
-    def __init__(self, total: int, out: TextIO = sys.stderr) -> None:
+    def __init__(self, total: int, out: TextIO | None = None) -> None:
         self.total = max(total, 1)
-        self.out = out
+        self.out: TextIO = out or sys.stderr
         self.done = 0
-        self._tty = out.isatty()
+        self._tty = self.out.isatty()
         self._last_tenth = -1
 
     def advance(self) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from dualwrite.backends import BackendContext, create_permanent_store
 from dualwrite.bench import Progress, run_bench
 from dualwrite.errors import DualWriteError, InvalidInput, SendFailed
 from dualwrite.model import User
@@ -58,11 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     queue_commands = queue.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
     queue_list = queue_commands.add_parser("list", help="list waiting writes")
     _backend_flags(queue_list)
-    queue_retry = queue_commands.add_parser("retry", help="retry one message id, or --all")
+    queue_retry = queue_commands.add_parser(
+        "retry",
+        help="retry one message id, or --all",
+        description="Ids may start with '-': put -- before one (queue retry -- -P7Gq...).",
+    )
     target = queue_retry.add_mutually_exclusive_group(required=True)
     target.add_argument("message_id", nargs="?")
     target.add_argument("--all", action="store_true")
     _backend_flags(queue_retry)
+
+    migrate = commands.add_parser("migrate", help="create or upgrade the permanent store's schema")
+    _backend_flags(migrate)
 
     bench = commands.add_parser("bench", help="measure sends/s and latency")
     bench.add_argument("--messages", type=int, default=10_000)
@@ -153,6 +161,15 @@ async def _queue_list(dw: DualWrite) -> int:
     return 0
 
 
+async def _migrate(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    store = create_permanent_store(settings.store_url, BackendContext(migrate_on_start=True))
+    await store.connect()
+    await store.close()
+    print(f"migrated {settings.store_url}")
+    return 0
+
+
 async def _bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="dualwrite-bench-") as scratch:
         # Unless told otherwise, measure the embedded default on scratch files.
@@ -181,5 +198,6 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] =
     "send": _send,
     "history": _history,
     "queue": _queue,
+    "migrate": _migrate,
     "bench": _bench,
 }

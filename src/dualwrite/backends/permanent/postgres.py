@@ -79,6 +79,8 @@ class PostgresPermanentStore:
             max_size=10,
             open=False,
             timeout=self._timeout_s,
+            # A connection broken by an outage is replaced before use, not handed to a write.
+            check=AsyncConnectionPool.check_connection,
             kwargs={
                 "autocommit": True,
                 "connect_timeout": max(1, int(self._timeout_s)),

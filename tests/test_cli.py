@@ -1,0 +1,79 @@
+"""The `dualwrite` command as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from dualwrite.cli import main
+from tests.conftest import unique
+
+
+@pytest.fixture
+def embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("DUALWRITE_STORE_URL", f"sqlite:///{tmp_path}/messages.db")
+    monkeypatch.setenv("DUALWRITE_QUEUE_PATH", str(tmp_path / "queue.db"))
+    return tmp_path
+
+
+SEND = ["send", "--workspace", "acme", "--channel", "general", "--user-id", "u1"]
+
+
+def test_send_then_history(embedded: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*SEND, "--user-name", "Ada", "hello 👋"]) == 0
+    message_id, status = capsys.readouterr().out.split()
+    assert status == "saved" and len(message_id) == 20
+    assert main(["history", "--workspace", "acme", "--channel", "general", "--json"]) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    record = json.loads(line)
+    assert record["messageId"] == message_id and record["text"] == "hello 👋"
+    assert record["saved"] is True
+
+
+def test_bad_input_exits_2_naming_the_field(
+    embedded: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*SEND, "--user-name", "", "hi"]) == 2
+    assert "user.name" in capsys.readouterr().err
+
+
+def test_queue_list_and_retry(embedded: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["queue", "list"]) == 0
+    assert "0 waiting" in capsys.readouterr().out
+    assert main(["queue", "retry", "--all"]) == 0
+    assert "saved 0" in capsys.readouterr().out
+    assert main(["queue", "retry", "--", "-NoSuchMessageId1234"]) == 1
+    assert "not waiting" in capsys.readouterr().err
+
+
+def test_bench_prints_figures_and_json(embedded: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = embedded / "bench.json"
+    assert main(["bench", "--messages", "50", "--concurrency", "4", "--json", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "acknowledged sends/s" in printed.out and "memory://" in printed.out
+    assert "50/50" in printed.err
+    figures = json.loads(out.read_text())
+    assert figures["outcomes"] == {"saved": 50}
+
+
+@pytest.mark.postgres
+def test_migrate_creates_the_schema_a_send_needs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = os.environ.get("DUALWRITE_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("DUALWRITE_TEST_POSTGRES_URL is not set")
+    from tests.conftest import _CREATED_SCHEMAS
+
+    schema = unique("test_")
+    _CREATED_SCHEMAS.append(schema)
+    monkeypatch.setenv("DUALWRITE_STORE_URL", f"{url}?schema={schema}")
+    monkeypatch.setenv("DUALWRITE_QUEUE_PATH", str(tmp_path / "queue.db"))
+    assert main([*SEND, "--user-name", "Ada", "hi"]) == 1
+    assert "dualwrite migrate" in capsys.readouterr().err
+    assert main(["migrate"]) == 0
+    assert main(["migrate"]) == 0  # idempotent
+    assert main([*SEND, "--user-name", "Ada", "hi"]) == 0
