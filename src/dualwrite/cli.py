@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import json
 import logging
+import os
+import secrets
 import sys
 import tempfile
 from collections.abc import Callable, Coroutine, Sequence
@@ -17,7 +19,9 @@ from dualwrite.bench import Progress, run_bench
 from dualwrite.errors import DualWriteError, InvalidInput, SendFailed
 from dualwrite.model import User
 from dualwrite.runtime import DualWrite, open_dualwrite
-from dualwrite.settings import Settings
+from dualwrite.settings import BadSetting, Settings, parse_fault_spec
+
+log = logging.getLogger("dualwrite.cli")
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -68,6 +72,29 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("message_id", nargs="?")
     target.add_argument("--all", action="store_true")
     _backend_flags(queue_retry)
+
+    serve = commands.add_parser("serve", help="run the chat server and its page")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--fault",
+        metavar="realtime=P,permanent=P",
+        help="development only: fail that share of backend calls on purpose",
+    )
+    serve.add_argument(
+        "--dev-sign-in",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="serve the page's development sign-in (default: on without DUALWRITE_TOKEN_SECRET)",
+    )
+    serve.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    _backend_flags(serve)
+
+    token = commands.add_parser("token", help="mint a development bearer token")
+    token.add_argument("--user", required=True, help="user id")
+    token.add_argument("--name", required=True, help="display name")
+    token.add_argument("--workspace", required=True)
+    token.add_argument("--hours", type=int, default=12)
 
     migrate = commands.add_parser("migrate", help="create or upgrade the permanent store's schema")
     _backend_flags(migrate)
@@ -161,6 +188,60 @@ async def _queue_list(dw: DualWrite) -> int:
     return 0
 
 
+def _token_secret() -> str | None:
+    secret = os.environ.get("DUALWRITE_TOKEN_SECRET")
+    if secret is not None and len(secret) < 32:
+        raise BadSetting("DUALWRITE_TOKEN_SECRET must be at least 32 characters")
+    return secret
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from dualwrite.logs import configure
+    from dualwrite.server import ServerConfig, create_app
+
+    configure(verbose=True, json_lines=args.log_json)
+    faults = parse_fault_spec(args.fault) if args.fault else {}
+    settings = Settings.from_env(
+        realtime_url=args.realtime,
+        store_url=args.store,
+        queue_path=args.queue,
+        fault_realtime=faults.get("fault_realtime"),
+        fault_permanent=faults.get("fault_permanent"),
+    )
+    secret = _token_secret()
+    dev_sign_in = args.dev_sign_in if args.dev_sign_in is not None else secret is None
+    if secret is None:
+        secret = secrets.token_urlsafe(48)
+        log.warning(
+            "DUALWRITE_TOKEN_SECRET is not set: using a random secret; tokens end with "
+            "this process and are not shared with other servers"
+        )
+    app = create_app(settings, ServerConfig(token_secret=secret, dev_sign_in=dev_sign_in))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False)
+    )
+    print(
+        f"dualwrite: chat page at http://{args.host}:{args.port}/ "
+        f"(realtime {settings.realtime_url}, store {settings.store_url})",
+        flush=True,
+    )
+    await server.serve()
+    return 0
+
+
+async def _token(args: argparse.Namespace) -> int:
+    from dualwrite.server.auth import Identity, TokenSigner
+
+    secret = _token_secret()
+    if secret is None:
+        raise BadSetting("set DUALWRITE_TOKEN_SECRET (the one the server uses) to mint tokens")
+    identity = Identity(User(args.user, args.name), args.workspace)
+    print(TokenSigner(secret).mint(identity, lifetime_s=args.hours * 3600))
+    return 0
+
+
 async def _migrate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     store = create_permanent_store(settings.store_url, BackendContext(migrate_on_start=True))
@@ -199,5 +280,7 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] =
     "history": _history,
     "queue": _queue,
     "migrate": _migrate,
+    "serve": _serve,
+    "token": _token,
     "bench": _bench,
 }

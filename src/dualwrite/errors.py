@@ -48,3 +48,7 @@ class UnknownBackend(DualWriteError, ValueError):
 
 class NotQueued(DualWriteError, LookupError):
     """A manual retry named a message id that is not waiting in the retry queue."""
+
+
+class MessageNotFound(DualWriteError, LookupError):
+    """No tier holds the message any more (never sent, or expired from the realtime tier)."""

@@ -11,11 +11,15 @@ from dataclasses import dataclass
 from dualwrite import metrics
 from dualwrite.backends import BackendContext, create_permanent_store, create_realtime_tier
 from dualwrite.clock import Clock, SystemClock
+from dualwrite.errors import MessageNotFound
+from dualwrite.faults import Faults, FaultyPermanentStore, FaultyRealtimeTier
 from dualwrite.model import (
     ChannelHistory,
     ChannelMessage,
+    PermanentWrite,
     RealtimeMessage,
     SendResult,
+    SendStatus,
     StoredMessage,
     User,
     history_cursor,
@@ -97,6 +101,29 @@ class DualWrite:
         """Manual retry of one queued permanent write (same id); True once it is saved."""
         check_id("messageId", message_id)
         return await self.retrier.retry_message(message_id)
+
+    async def persist(self, workspace_id: str, channel_id: str, message_id: str) -> SendStatus:
+        """Manual retry, from any process: make sure the message is in the permanent store.
+
+        Uses this process's queue entry if it has one; otherwise rebuilds the write from the
+        realtime record (the send may have been answered by another process). Returns "saved",
+        or "pending" if the store still fails (the write is then queued here). Raises
+        `MessageNotFound` if neither tier nor the queue holds the message.
+        """
+        channel = check_channel(workspace_id, channel_id)
+        check_id("messageId", message_id)
+        queued = await self.queue.find(message_id)
+        if queued is not None and queued.write.channel == channel:
+            return "saved" if await self.retrier.attempt(queued) else "pending"
+        if await self.store.get(channel, message_id) is not None:
+            return "saved"
+        live = await self.realtime.read(channel, message_id)
+        if live is None:
+            raise MessageNotFound(f"message {message_id} is in neither tier")
+        write = PermanentWrite(
+            channel, message_id, live.user_id, live.user_name, live.text, live.timestamp
+        ).as_retry()
+        return await self.sender.save_or_queue(write)
 
     async def retry_all(self) -> RetryReport:
         """Manual retry of every queued permanent write."""
@@ -188,6 +215,12 @@ async def open_dualwrite(
     )
     realtime = realtime or create_realtime_tier(settings.realtime_url, context)
     store = store or create_permanent_store(settings.store_url, context)
+    if settings.fault_realtime:
+        log.warning("injecting realtime faults: probability=%s", settings.fault_realtime)
+        realtime = FaultyRealtimeTier(realtime, Faults(probability=settings.fault_realtime))
+    if settings.fault_permanent:
+        log.warning("injecting permanent-store faults: probability=%s", settings.fault_permanent)
+        store = FaultyPermanentStore(store, Faults(probability=settings.fault_permanent))
     queue = RetryQueue(settings.queue_path)
     async with contextlib.AsyncExitStack() as stack:
         await realtime.connect()

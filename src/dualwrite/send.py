@@ -134,14 +134,15 @@ class DualWriter:
             text=text,
             sent_at=message.timestamp,
         )
-        status = await self._save_or_queue(write)
+        status = await self.save_or_queue(write)
         if status == "saved" and claim.message_id != fresh_id:
             # A repeated send may find its first attempt still queued; it is saved now.
             await self._queue.remove(channel, claim.message_id)
         metrics.SENDS.labels(status).inc()
         return SendResult(message.message_id, status, message.timestamp)
 
-    async def _save_or_queue(self, write: PermanentWrite) -> SendStatus:
+    async def save_or_queue(self, write: PermanentWrite) -> SendStatus:
+        """Step 2: the permanent write, or (on failure) report it and queue it durably."""
         started = time.perf_counter()
         try:
             await bounded(

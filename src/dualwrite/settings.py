@@ -34,6 +34,10 @@ class Settings:
     sentry_dsn: str | None = None
     migrate_on_start: bool = False
     """Create or upgrade the permanent store's schema on connect (else: `dualwrite migrate`)."""
+    fault_realtime: float = 0.0
+    """Development only: the probability that a realtime call fails on purpose."""
+    fault_permanent: float = 0.0
+    """Development only: the probability that a permanent-store call fails on purpose."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -63,8 +67,25 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 raise BadSetting(f"{name} must be positive")
+        for name in ("fault_realtime", "fault_permanent"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise BadSetting(f"{name} must be a probability from 0 to 1")
         if self.max_text_chars < 1:
             raise BadSetting("max_text_chars must be at least 1")
+
+
+def parse_fault_spec(spec: str) -> dict[str, float]:
+    """`realtime=0.5,permanent=1.0` -> {"fault_realtime": 0.5, "fault_permanent": 1.0}."""
+    faults: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        tier, sep, raw = part.partition("=")
+        if not sep or tier not in ("realtime", "permanent"):
+            raise BadSetting(f"--fault takes realtime=P,permanent=P, got {part!r}")
+        try:
+            faults[f"fault_{tier}"] = float(raw)
+        except ValueError:
+            raise BadSetting(f"--fault {tier}={raw!r} is not a probability") from None
+    return faults
 
 
 def _parse(name: str, raw: str, default: object) -> object:
