@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from dualwrite.backends import create_permanent_store, create_realtime_tier
+from dualwrite.faults import Faults, FaultyPermanentStore, FaultyRealtimeTier
+from dualwrite.model import User
+from dualwrite.runtime import open_dualwrite
+from dualwrite.server import ServerConfig, create_app
+from dualwrite.server.auth import Identity, TokenSigner
+from dualwrite.settings import Settings
+
+SECRET = "test-secret-" + "x" * 40
+
+
+@dataclass
+class Api:
+    client: httpx.Client
+    ws_base: str
+    realtime_faults: Faults
+    store_faults: Faults
+    signer: TokenSigner
+
+    def token(self, user: str = "u1", name: str = "Ada", workspace: str = "acme") -> str:
+        return self.signer.mint(Identity(User(user, name), workspace))
+
+    def auth(self, **kw: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.token(**kw)}"}
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[Api]:
+    realtime_faults, store_faults = Faults(), Faults()
+    settings = Settings(
+        store_url=f"sqlite:///{tmp_path}/messages.db",
+        queue_path=str(tmp_path / "queue.db"),
+        realtime_timeout_s=0.5,
+        permanent_timeout_s=0.5,
+    )
+
+    def open_runtime():  # type: ignore[no-untyped-def]
+        return open_dualwrite(
+            settings,
+            realtime=FaultyRealtimeTier(create_realtime_tier("memory://"), realtime_faults),
+            store=FaultyPermanentStore(create_permanent_store(settings.store_url), store_faults),
+            background=False,
+        )
+
+    app = create_app(
+        settings, ServerConfig(token_secret=SECRET, dev_sign_in=True), open_runtime=open_runtime
+    )
+    with serving(app) as base, httpx.Client(base_url=base, timeout=10) as client:
+        ws_base = base.replace("http://", "ws://")
+        yield Api(client, ws_base, realtime_faults, store_faults, TokenSigner(SECRET))
+
+
+@contextlib.contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """Run ``app`` under a real uvicorn server on a free port, in a thread; yield its URL."""
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
