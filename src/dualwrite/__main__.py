@@ -1,0 +1,5 @@
+import sys
+
+from dualwrite.cli import main
+
+sys.exit(main())
