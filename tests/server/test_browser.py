@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Dialog, Page, expect, sync_playwright
 
 from tests.server.conftest import Api
 
@@ -116,7 +116,12 @@ def test_two_people_see_each_others_messages_live(browser: Browser, api: Api) ->
 def test_message_text_is_shown_as_text_never_run_as_html(browser: Browser, api: Api) -> None:
     page = signed_in(browser, api)
     dialogs: list[str] = []
-    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+
+    def record(dialog: Dialog) -> None:
+        dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    page.on("dialog", record)
     payload = "<img src=x onerror=alert(1)>"
     send(page, payload)
     expect(page.get_by_test_id("message").filter(has_text=payload)).to_have_count(1)
