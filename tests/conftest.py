@@ -20,6 +20,7 @@ from dualwrite.faults import Faults, FaultyPermanentStore, FaultyRealtimeTier
 from dualwrite.ports import PermanentStore, RealtimeTier
 from dualwrite.runtime import DualWrite, open_dualwrite
 from dualwrite.settings import Settings
+from tests.firebase.servers import firebase_servers
 
 
 def unique(prefix: str = "t") -> str:
@@ -38,7 +39,20 @@ def realtime_url(kind: str, tmp_path: Path) -> str:
         return "memory://"
     if kind == "redis":
         return f"{_service_url('DUALWRITE_TEST_REDIS_URL')}?prefix={unique()}:"
+    if kind in ("firebase-rest", "firebase-server"):
+        return firebase_servers().realtime_url(kind)
     raise AssertionError(kind)
+
+
+# What each local Realtime Database stand-in can honestly serve (README: Running on Firebase).
+REALTIME_LACKS: dict[str, set[str]] = {
+    "firebase-server": {"listen", "transaction"},
+}
+
+
+def needs(kind: str, capability: str) -> None:
+    if capability in REALTIME_LACKS.get(kind, set()):
+        pytest.skip(f"{kind} has no {capability} (REST streaming/ETags); firebase-rest covers it")
 
 
 def store_url(kind: str, tmp_path: Path) -> str:
@@ -46,6 +60,9 @@ def store_url(kind: str, tmp_path: Path) -> str:
         return "memory://"
     if kind == "sqlite":
         return f"sqlite:///{tmp_path}/messages.db"
+    if kind == "firestore":
+        firebase_servers()
+        return "firestore://dualwrite-test"
     if kind == "postgres":
         schema = unique("test_")
         _CREATED_SCHEMAS.append(schema)
@@ -74,11 +91,14 @@ def _drop_test_schemas() -> Iterator[None]:
 REALTIME_KINDS = [
     pytest.param("memory", id="rt-memory"),
     pytest.param("redis", id="rt-redis", marks=pytest.mark.redis),
+    pytest.param("firebase-rest", id="rt-firebase-rest", marks=pytest.mark.firebase),
+    pytest.param("firebase-server", id="rt-firebase-server", marks=pytest.mark.firebase),
 ]
 STORE_KINDS = [
     pytest.param("memory", id="store-memory"),
     pytest.param("sqlite", id="store-sqlite"),
     pytest.param("postgres", id="store-postgres", marks=pytest.mark.postgres),
+    pytest.param("firestore", id="store-firestore", marks=pytest.mark.firebase),
 ]
 # The pairs a deployment runs: the embedded default and each production pair.
 PAIRS = [
@@ -95,10 +115,15 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture(params=REALTIME_KINDS)
+def realtime_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
 async def realtime(
-    request: pytest.FixtureRequest, clock: ManualClock, tmp_path: Path
+    realtime_kind: str, clock: ManualClock, tmp_path: Path
 ) -> AsyncIterator[RealtimeTier]:
-    tier = create_realtime_tier(realtime_url(request.param, tmp_path), BackendContext(clock))
+    tier = create_realtime_tier(realtime_url(realtime_kind, tmp_path), BackendContext(clock))
     await tier.connect()
     yield tier
     await tier.close()

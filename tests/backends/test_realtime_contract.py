@@ -10,7 +10,7 @@ from dualwrite.clock import ManualClock
 from dualwrite.ids import PushIdGenerator
 from dualwrite.model import REALTIME_TTL_MS, ChannelRef, RealtimeMessage
 from dualwrite.ports import RealtimeTier, SendClaim, SendKey
-from tests.conftest import unique
+from tests.conftest import needs, unique
 
 
 def make_message(clock: ManualClock, ids: PushIdGenerator, text: str = "hi") -> RealtimeMessage:
@@ -97,8 +97,13 @@ async def test_expired_entries_are_never_read_and_are_swept(
 
 
 async def test_subscribers_receive_new_messages_live(
-    realtime: RealtimeTier, channel: ChannelRef, clock: ManualClock, ids: PushIdGenerator
+    realtime: RealtimeTier,
+    realtime_kind: str,
+    channel: ChannelRef,
+    clock: ManualClock,
+    ids: PushIdGenerator,
 ) -> None:
+    needs(realtime_kind, "listen")
     stream = realtime.subscribe(channel)
     first = asyncio.ensure_future(anext(stream))
     await asyncio.sleep(0.2)  # let the subscription reach the backend
@@ -112,8 +117,13 @@ async def test_subscribers_receive_new_messages_live(
 
 
 async def test_resubscribing_after_an_id_replays_what_was_missed_once_in_order(
-    realtime: RealtimeTier, channel: ChannelRef, clock: ManualClock, ids: PushIdGenerator
+    realtime: RealtimeTier,
+    realtime_kind: str,
+    channel: ChannelRef,
+    clock: ManualClock,
+    ids: PushIdGenerator,
 ) -> None:
+    needs(realtime_kind, "listen")
     seen = make_message(clock, ids, "seen")
     missed = [make_message(clock, ids, f"missed{i}") for i in range(3)]
     for message in (seen, *missed):
@@ -129,7 +139,10 @@ async def test_resubscribing_after_an_id_replays_what_was_missed_once_in_order(
     await stream.aclose()  # type: ignore[attr-defined]
 
 
-async def test_claim_send_binds_a_key_once(realtime: RealtimeTier, clock: ManualClock) -> None:
+async def test_claim_send_binds_a_key_once(
+    realtime: RealtimeTier, realtime_kind: str, clock: ManualClock
+) -> None:
+    needs(realtime_kind, "transaction")
     key = SendKey(unique("ws"), "u1", "client-1")
     first = SendClaim("-first", 1, "f1")
     assert await realtime.claim_send(key, first, REALTIME_TTL_MS) == first

@@ -1,16 +1,11 @@
 from __future__ import annotations
 
-import contextlib
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from dualwrite.backends import create_permanent_store, create_realtime_tier
 from dualwrite.faults import Faults, FaultyPermanentStore, FaultyRealtimeTier
@@ -19,6 +14,7 @@ from dualwrite.runtime import open_dualwrite
 from dualwrite.server import ServerConfig, create_app
 from dualwrite.server.auth import Identity, TokenSigner
 from dualwrite.settings import Settings
+from tests.support.servers import serving
 
 SECRET = "test-secret-" + "x" * 40
 
@@ -62,24 +58,3 @@ def api(tmp_path: Path) -> Iterator[Api]:
     with serving(app) as base, httpx.Client(base_url=base, timeout=10) as client:
         ws_base = base.replace("http://", "ws://")
         yield Api(client, ws_base, realtime_faults, store_faults, TokenSigner(SECRET))
-
-
-@contextlib.contextmanager
-def serving(app: Any) -> Iterator[str]:
-    """Run ``app`` under a real uvicorn server on a free port, in a thread; yield its URL."""
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)

@@ -1,0 +1,228 @@
+"""Firebase Realtime Database tier (`firebase-rtdb://NAME.firebaseio.com`, or for an emulator
+`firebase-rtdb://127.0.0.1:9000?ns=NAME`), with firebase-admin's `db` module (REST).
+
+The layout is the seed's: `messages/{ws}/{ch}/{id}` = {userId, userName, text, timestamp, ttl}.
+firebase-admin blocks, so calls run in worker threads; live updates come from
+`Reference.listen()` (server-sent events, on its own thread, reconnecting by itself) and are
+handed to the event loop. Writes use `child(id).set()`, never `push()`: push is a POST the HTTP
+client may retry, creating duplicates. Firebase has no expiry: `sweep_expired` deletes children
+whose `ttl` passed (it needs `".indexOn": ["ttl"]`, see database.rules.json).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlsplit
+
+import firebase_admin
+from firebase_admin import db
+
+from dualwrite.backends import BackendContext, _firebase_app
+from dualwrite.backends._recent import RecentIds
+from dualwrite.clock import Clock
+from dualwrite.errors import UnknownBackend
+from dualwrite.model import ChannelRef, RealtimeMessage
+from dualwrite.ports import SendClaim, SendKey
+
+T = TypeVar("T")
+log = logging.getLogger("dualwrite.backends.firebase_rtdb")
+_LIVENESS_CHECK_S = 5.0
+
+_LOOPBACK = ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+def database_url(url: str) -> tuple[str, bool]:
+    """The https (or, for a local emulator, http) URL of a `firebase-rtdb://` URL."""
+    parts = urlsplit(url)
+    if not parts.netloc:
+        raise UnknownBackend(f"expected firebase-rtdb://HOST[?ns=NAME], got {url!r}")
+    emulated = parts.hostname in _LOOPBACK or "FIREBASE_DATABASE_EMULATOR_HOST" in os.environ
+    scheme = "http" if parts.hostname in _LOOPBACK else "https"
+    query = f"?{parts.query}" if parts.query else ""
+    if scheme == "http" and "ns" not in dict(parse_qsl(parts.query)):
+        raise UnknownBackend(f"a local database URL needs ?ns=NAME: {url!r}")
+    return f"{scheme}://{parts.netloc}{query}", emulated
+
+
+class FirebaseRealtimeTier:
+    def __init__(self, url: str, clock: Clock, timeout_s: float) -> None:
+        self._url, self._emulated = database_url(url)
+        self._clock = clock
+        self._timeout_s = timeout_s
+        self._app: firebase_admin.App | None = None
+
+    async def connect(self) -> None:
+        self._app = _firebase_app.initialize(
+            {"databaseURL": self._url, "httpTimeout": self._timeout_s}, emulated=self._emulated
+        )
+
+    async def close(self) -> None:
+        _firebase_app.delete(self._app)
+        self._app = None
+
+    def _ref(self, path: str) -> db.Reference:
+        return db.reference(path, app=self._app)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.to_thread(fn, *args)
+
+    def _decode(self, message_id: str, data: Any) -> RealtimeMessage | None:
+        if not isinstance(data, dict):
+            return None
+        message = RealtimeMessage.from_wire(message_id, data)
+        return None if message.expired(self._clock.now_ms()) else message
+
+    async def write(self, channel: ChannelRef, message: RealtimeMessage) -> None:
+        ref = self._ref(channel.realtime_path).child(message.message_id)
+        await self._run(ref.set, message.to_wire())
+
+    async def read(self, channel: ChannelRef, message_id: str) -> RealtimeMessage | None:
+        data = await self._run(self._ref(channel.realtime_path).child(message_id).get)
+        return self._decode(message_id, data)
+
+    async def read_since(
+        self, channel: ChannelRef, after_id: str | None, limit: int
+    ) -> list[RealtimeMessage]:
+        query = self._ref(channel.realtime_path).order_by_key()
+        if after_id is not None:
+            query = query.start_at(after_id)
+        # One extra: start_at is inclusive. The filter below repeats the query's work on the
+        # client, so that a server which ignores queries still gives the right answer.
+        data = await self._run(query.limit_to_first(limit + 1).get) or {}
+        found = []
+        for message_id in sorted(data):
+            if after_id is not None and message_id <= after_id:
+                continue
+            message = self._decode(message_id, data[message_id])
+            if message is not None:
+                found.append(message)
+        return found[:limit]
+
+    async def delete(self, channel: ChannelRef, message_id: str) -> None:
+        await self._run(self._ref(channel.realtime_path).child(message_id).delete)
+
+    async def subscribe(
+        self, channel: ChannelRef, after_id: str | None = None
+    ) -> AsyncIterator[RealtimeMessage]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[db.Event] = asyncio.Queue()
+
+        def deliver(event: db.Event) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        ref = self._ref(channel.realtime_path)
+        registration = await self._run(ref.listen, deliver)
+        seen = RecentIds()
+        first_snapshot = True
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), _LIVENESS_CHECK_S)
+                except TimeoutError:
+                    # firebase-admin's listener thread reconnects by itself, but dies if a
+                    # reconnect fails (firebase-admin-python#498): then listen anew. The new
+                    # stream opens with the whole channel, and `seen` passes only what is new.
+                    if not _listening(registration):
+                        log.warning("realtime listener died, listening anew: %s", channel)
+                        _stop(registration)
+                        registration = await self._run(ref.listen, deliver)
+                    continue
+                for message in self._changes(event):
+                    # The stream opens with the whole channel: on the first open without
+                    # after_id that is history, not news.
+                    if first_snapshot and event.path == "/" and after_id is None:
+                        seen.first_time(message.message_id)
+                        continue
+                    if after_id is not None and message.message_id <= after_id:
+                        continue
+                    if seen.first_time(message.message_id):
+                        yield message
+                if event.path == "/":
+                    first_snapshot = False
+        finally:
+            await asyncio.to_thread(_stop, registration)
+
+    def _changes(self, event: db.Event) -> list[RealtimeMessage]:
+        """The unexpired messages an event carries, in id order."""
+        data = event.data
+        if not isinstance(data, dict):
+            return []
+        path = event.path.strip("/")
+        if path:  # a put or patch at /{id}
+            found = self._decode(path, data)
+            return [found] if found else []
+        messages = (self._decode(k, v) for k, v in sorted(data.items()))
+        return [m for m in messages if m is not None]
+
+    async def sweep_expired(self, now_ms: int) -> int:
+        deleted = 0
+        workspaces = await self._run(self._ref("messages").get, False, True) or {}
+        for workspace in workspaces:
+            channels = await self._run(self._ref(f"messages/{workspace}").get, False, True) or {}
+            for channel_id in channels:
+                channel = self._ref(f"messages/{workspace}/{channel_id}")
+                query = channel.order_by_child("ttl").end_at(now_ms)
+                candidates = await self._run(query.get) or {}
+                # Never trust the query alone: check each child's own ttl.
+                expired = {
+                    message_id: None
+                    for message_id, data in candidates.items()
+                    if isinstance(data, dict) and int(data.get("ttl", now_ms + 1)) <= now_ms
+                }
+                if expired:
+                    await self._run(channel.update, expired)
+                    deleted += len(expired)
+        return deleted
+
+    async def claim_send(self, key: SendKey, claim: SendClaim, ttl_ms: int) -> SendClaim:
+        ref = self._ref(f"sends/{key.workspace_id}/{key.user_id}/{key.client_message_id}")
+        now = self._clock.now_ms()
+        proposed = {
+            "messageId": claim.message_id,
+            "timestamp": claim.timestamp,
+            "fingerprint": claim.fingerprint,
+            "ttl": now + ttl_ms,
+        }
+
+        def bind(current: Any) -> Any:
+            if isinstance(current, dict) and int(current.get("ttl", 0)) > now:
+                return current
+            return proposed
+
+        held = await self._run(ref.transaction, bind)
+        return SendClaim(str(held["messageId"]), int(held["timestamp"]), str(held["fingerprint"]))
+
+
+def _listening(registration: db.ListenerRegistration) -> bool:
+    thread = getattr(registration, "_thread", None)
+    return thread is None or bool(thread.is_alive())
+
+
+def _stop(registration: db.ListenerRegistration) -> None:
+    """Stop a listener at once and quietly.
+
+    `ListenerRegistration.close()` closes the response under the reading thread, which then
+    waits for the next server event (up to a ~30 s keep-alive) and dies with an AttributeError.
+    Telling its SSE client not to reconnect and shutting the socket down ends the stream the way
+    a server hang-up would: the thread's loop finishes cleanly, and the join is immediate.
+    """
+    sse: Any = getattr(registration, "_sse", None)
+    with contextlib.suppress(Exception):
+        sse.should_connect = False
+        sse.retry = 0
+        sse.resp.raw._fp.fp.raw._sock.shutdown(socket.SHUT_RDWR)
+    thread = getattr(registration, "_thread", None)
+    if thread is not None:
+        thread.join(timeout=2)  # let it see the hang-up before the response is closed
+    with contextlib.suppress(Exception):
+        registration.close()
+
+
+def create(url: str, context: BackendContext) -> FirebaseRealtimeTier:
+    return FirebaseRealtimeTier(url, context.clock, context.call_timeout_s)
