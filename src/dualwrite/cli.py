@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="serve the page's development sign-in (default: on without DUALWRITE_TOKEN_SECRET)",
     )
+    serve.add_argument(
+        "--firebase-project",
+        default=os.environ.get("DUALWRITE_FIREBASE_PROJECT"),
+        help="also accept Firebase ID tokens of this project (env DUALWRITE_FIREBASE_PROJECT)",
+    )
     serve.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     _backend_flags(serve)
 
@@ -218,7 +223,14 @@ async def _serve(args: argparse.Namespace) -> int:
             "DUALWRITE_TOKEN_SECRET is not set: using a random secret; tokens end with "
             "this process and are not shared with other servers"
         )
-    app = create_app(settings, ServerConfig(token_secret=secret, dev_sign_in=dev_sign_in))
+    app = create_app(
+        settings,
+        ServerConfig(
+            token_secret=secret,
+            dev_sign_in=dev_sign_in,
+            firebase_project=args.firebase_project,
+        ),
+    )
     server = uvicorn.Server(
         uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False)
     )

@@ -36,6 +36,18 @@ class Api:
 
 @pytest.fixture
 def api(tmp_path: Path) -> Iterator[Api]:
+    yield from _api(tmp_path, ServerConfig(token_secret=SECRET, dev_sign_in=True))
+
+
+@pytest.fixture
+def firebase_auth_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Api]:
+    """A server that also takes Firebase ID tokens, from the Auth emulator (unsigned)."""
+    monkeypatch.setenv("FIREBASE_AUTH_EMULATOR_HOST", "127.0.0.1:9099")
+    config = ServerConfig(token_secret=SECRET, firebase_project="dualwrite-test")
+    yield from _api(tmp_path, config)
+
+
+def _api(tmp_path: Path, config: ServerConfig) -> Iterator[Api]:
     realtime_faults, store_faults = Faults(), Faults()
     settings = Settings(
         store_url=f"sqlite:///{tmp_path}/messages.db",
@@ -52,9 +64,7 @@ def api(tmp_path: Path) -> Iterator[Api]:
             background=False,
         )
 
-    app = create_app(
-        settings, ServerConfig(token_secret=SECRET, dev_sign_in=True), open_runtime=open_runtime
-    )
+    app = create_app(settings, config, open_runtime=open_runtime)
     with serving(app) as base, httpx.Client(base_url=base, timeout=10) as client:
         ws_base = base.replace("http://", "ws://")
         yield Api(client, ws_base, realtime_faults, store_faults, TokenSigner(SECRET))

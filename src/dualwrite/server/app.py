@@ -31,7 +31,14 @@ from dualwrite.errors import (
 )
 from dualwrite.model import ChannelRef, User
 from dualwrite.runtime import DualWrite, open_dualwrite
-from dualwrite.server.auth import Identity, TokenSigner, Unauthorized, bearer_token
+from dualwrite.server.auth import (
+    Authenticator,
+    FirebaseIdTokens,
+    Identity,
+    TokenSigner,
+    Unauthorized,
+    bearer_token,
+)
 from dualwrite.server.live import LiveHub, Overflowed
 from dualwrite.server.openapi import OPENAPI
 from dualwrite.settings import Settings
@@ -50,6 +57,8 @@ class ServerConfig:
     dev_sign_in: bool = False
     """Serve `POST /api/dev/token` (the page's sign-in form). Development only."""
     max_history: int = 200
+    firebase_project: str | None = None
+    """Also accept Firebase ID tokens of this project (uid, name, `workspaceId` claim)."""
 
 
 class ApiError(Exception):
@@ -69,6 +78,9 @@ def create_app(
 ) -> Starlette:
     """The server app; ``open_runtime`` replaces `open_dualwrite(settings)` (for tests)."""
     signer = TokenSigner(config.token_secret)
+    authenticator = Authenticator(
+        signer, FirebaseIdTokens(config.firebase_project) if config.firebase_project else None
+    )
     state: dict[str, Any] = {}
 
     def dw() -> DualWrite:
@@ -86,7 +98,8 @@ def create_app(
     def api(handler: Callable[[Request, Identity], Awaitable[Response]]) -> Handler:
         async def endpoint(request: Request) -> Response:
             try:
-                identity = signer.verify(bearer_token(request.headers.get("authorization")))
+                token = bearer_token(request.headers.get("authorization"))
+                identity = await authenticator.identify(token)
                 return await handler(request, identity)
             except Unauthorized as error:
                 return JSONResponse({"error": "unauthorized", "detail": str(error)}, 401)
@@ -251,7 +264,7 @@ def create_app(
                 token = str(json.loads(first).get("token", ""))
             except (TimeoutError, ValueError, AttributeError, WebSocketDisconnect):
                 raise Unauthorized('send {"token": ...} as the first frame') from None
-        return signer.verify(token)
+        return await authenticator.identify(token)
 
     async def page(request: Request) -> Response:
         return FileResponse(STATIC / "index.html")
