@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 
 from dualwrite.model import ChannelRef, HistoryPage, PermanentWrite, RealtimeMessage, StoredMessage
 from dualwrite.ports import PermanentStore, RealtimeTier, SendClaim, SendKey
@@ -114,11 +114,15 @@ class FaultyRealtimeTier:
 
 
 class FaultyPermanentStore:
-    """A `PermanentStore` that consults ``faults`` before every call to ``inner``."""
+    """A `PermanentStore` that consults ``faults`` before every call to ``inner``.
+
+    Writes for which ``poisoned`` is true always fail (alone, or failing their batch).
+    """
 
     def __init__(self, inner: PermanentStore, faults: Faults) -> None:
         self.inner = inner
         self.faults = faults
+        self.poisoned: Callable[[PermanentWrite], bool] = lambda write: False
 
     async def connect(self) -> None:
         await self.inner.connect()
@@ -128,7 +132,15 @@ class FaultyPermanentStore:
 
     async def save(self, write: PermanentWrite) -> None:
         await self.faults.check("save")
+        if self.poisoned(write):
+            raise InjectedFault(f"injected failure of message {write.message_id}")
         await self.inner.save(write)
+
+    async def save_many(self, writes: Sequence[PermanentWrite]) -> None:
+        await self.faults.check("save_many")
+        if any(self.poisoned(w) for w in writes):
+            raise InjectedFault("injected failure of a batch holding a poisoned message")
+        await self.inner.save_many(writes)
 
     async def get(self, channel: ChannelRef, message_id: str) -> StoredMessage | None:
         await self.faults.check("get")

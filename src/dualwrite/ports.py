@@ -7,7 +7,7 @@ call and decides what a failure means. Backends do no I/O in their constructors:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -89,6 +89,14 @@ class PermanentStore(Protocol):
 
         `timestamp` is the store's time, or ``write.sent_at`` when ``write.keep_sent_time``;
         `createdAt` is always the store's time at the write.
+        """
+        ...
+
+    async def save_many(self, writes: Sequence[PermanentWrite]) -> None:
+        """`save` for each write, in as few round trips as the store allows.
+
+        All or nothing where the store can (one transaction or batch); if it raises, the caller
+        retries the writes one by one (they are idempotent) to learn each outcome.
         """
         ...
 

@@ -13,6 +13,7 @@ from dualwrite.backends import BackendContext, create_permanent_store, create_re
 from dualwrite.clock import Clock, SystemClock
 from dualwrite.errors import MessageNotFound
 from dualwrite.faults import Faults, FaultyPermanentStore, FaultyRealtimeTier
+from dualwrite.group_commit import GroupCommitStore
 from dualwrite.model import (
     ChannelHistory,
     ChannelMessage,
@@ -215,6 +216,13 @@ async def open_dualwrite(
     )
     realtime = realtime or create_realtime_tier(settings.realtime_url, context)
     store = store or create_permanent_store(settings.store_url, context)
+    if settings.group_commit:
+        store = GroupCommitStore(
+            store,
+            max_batch=settings.group_max_batch,
+            max_in_flight=settings.group_max_in_flight,
+            max_wait_s=settings.group_max_wait_ms / 1000,
+        )
     if settings.fault_realtime:
         log.warning("injecting realtime faults: probability=%s", settings.fault_realtime)
         realtime = FaultyRealtimeTier(realtime, Faults(probability=settings.fault_realtime))

@@ -34,6 +34,12 @@ class Settings:
     sentry_dsn: str | None = None
     migrate_on_start: bool = False
     """Create or upgrade the permanent store's schema on connect (else: `dualwrite migrate`)."""
+    group_commit: bool = True
+    """Coalesce concurrent permanent writes into one round trip (`dualwrite.group_commit`)."""
+    group_max_batch: int = 256
+    group_max_in_flight: int = 4
+    group_max_wait_ms: float = 0.0
+    """Hold a batch this long for more writes (0: only what queued while the last was out)."""
     fault_realtime: float = 0.0
     """Development only: the probability that a realtime call fails on purpose."""
     fault_permanent: float = 0.0
@@ -70,6 +76,8 @@ class Settings:
         for name in ("fault_realtime", "fault_permanent"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise BadSetting(f"{name} must be a probability from 0 to 1")
+        if self.group_max_batch < 1 or self.group_max_in_flight < 1 or self.group_max_wait_ms < 0:
+            raise BadSetting("group commit needs max_batch >= 1, max_in_flight >= 1, wait >= 0")
         if self.max_text_chars < 1:
             raise BadSetting("max_text_chars must be at least 1")
 

@@ -108,3 +108,20 @@ async def test_a_forged_cursor_is_refused(store: PermanentStore, channel: Channe
     with pytest.raises(InvalidInput) as error:
         await store.history(channel, "not-a-cursor", 10)
     assert error.value.field == "before"
+
+
+async def test_save_many_writes_each_once_keeping_existing_records(
+    store: PermanentStore, channel: ChannelRef
+) -> None:
+    ids = PushIdGenerator()
+    existing = make_write(channel, ids.new_id(), 1_600_000_000_000, "old").as_retry()
+    await store.save(existing)
+    batch = [existing] + [
+        make_write(channel, ids.new_id(), 1_600_000_000_001 + i, f"b{i}").as_retry()
+        for i in range(5)
+    ]
+    await store.save_many(batch)
+    await store.save_many(batch)
+    page = await store.history(channel, None, 100)
+    assert [m.text for m in page.messages] == ["b4", "b3", "b2", "b1", "b0", "old"]
+    assert [m.timestamp for m in page.messages][-1] == existing.sent_at

@@ -12,6 +12,7 @@ firestore.indexes.json. Credentials: Google's defaults (`GOOGLE_APPLICATION_CRED
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,6 +30,7 @@ from dualwrite.model import (
     parse_history_cursor,
 )
 
+_MAX_BATCH = 500
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 
@@ -66,6 +68,24 @@ class FirestorePermanentStore:
         # The first write of an id wins; a repeat is a success that changes nothing.
         with contextlib.suppress(AlreadyExists):
             await document.create(_document(write), timeout=self._timeout_s)
+
+    async def save_many(self, writes: Sequence[PermanentWrite]) -> None:
+        """Batched creates, at most 500 per batch (Firestore's limit). A batch holding an id
+        that exists fails whole (AlreadyExists); its writes are then created one by one."""
+        if self._client is None:
+            raise RuntimeError("FirestorePermanentStore is not connected")
+        for start in range(0, len(writes), _MAX_BATCH):
+            chunk = writes[start : start + _MAX_BATCH]
+            batch = self._client.batch()
+            for write in chunk:
+                batch.create(
+                    self._messages(write.channel).document(write.message_id), _document(write)
+                )
+            try:
+                await batch.commit(timeout=self._timeout_s)
+            except AlreadyExists:
+                for write in chunk:
+                    await self.save(write)
 
     async def get(self, channel: ChannelRef, message_id: str) -> StoredMessage | None:
         snapshot = await self._messages(channel).document(message_id).get(timeout=self._timeout_s)

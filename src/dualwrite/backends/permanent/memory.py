@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from dualwrite.backends import BackendContext
 from dualwrite.clock import Clock
 from dualwrite.model import (
@@ -38,6 +40,10 @@ class MemoryPermanentStore:
             timestamp=write.sent_at if write.keep_sent_time else now,
             created_at=now,
         )
+
+    async def save_many(self, writes: Sequence[PermanentWrite]) -> None:
+        for write in writes:
+            await self.save(write)
 
     async def get(self, channel: ChannelRef, message_id: str) -> StoredMessage | None:
         return self._channels.get(channel, {}).get(message_id)

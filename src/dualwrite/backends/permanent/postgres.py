@@ -7,6 +7,7 @@ Create the schema with `dualwrite migrate` (or `DUALWRITE_MIGRATE_ON_START=1`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -147,15 +148,27 @@ class PostgresPermanentStore:
                     f"VALUES (%s, %s, %s, %s, %s, %s, COALESCE({_FROM_MS}, {_NOW}), {_NOW}) "
                     "ON CONFLICT DO NOTHING"
                 ),
-                (
-                    write.channel.workspace_id,
-                    write.channel.channel_id,
-                    write.message_id,
-                    write.user_id,
-                    write.user_name,
-                    write.text,
-                    write.sent_at if write.keep_sent_time else None,
+                _row(write),
+            )
+
+    async def save_many(self, writes: Sequence[PermanentWrite]) -> None:
+        """One statement for the whole batch: rows arrive as arrays and are unnested."""
+        columns: list[list[object]] = [[] for _ in range(7)]
+        for write in writes:
+            for column, value in zip(columns, _row(write), strict=True):
+                column.append(value)
+        async with self._p.connection() as conn:
+            await conn.execute(
+                self._q(
+                    "INSERT INTO {schema}.messages (workspace_id, channel_id, message_id, "
+                    'user_id, user_name, text, "timestamp", created_at) '
+                    "SELECT ws, ch, id, uid, uname, body, "
+                    f"COALESCE({_FROM_MS.replace('%s', 'sent')}, {_NOW}), {_NOW} "
+                    "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
+                    "%s::text[], %s::bigint[]) AS t(ws, ch, id, uid, uname, body, sent) "
+                    "ON CONFLICT DO NOTHING"
                 ),
+                columns,
             )
 
     async def get(self, channel: ChannelRef, message_id: str) -> StoredMessage | None:
@@ -182,6 +195,18 @@ class PostgresPermanentStore:
             )
             rows = await cur.fetchall()
         return HistoryPage.from_candidates([_to_message(r) for r in rows], limit)
+
+
+def _row(write: PermanentWrite) -> tuple[object, ...]:
+    return (
+        write.channel.workspace_id,
+        write.channel.channel_id,
+        write.message_id,
+        write.user_id,
+        write.user_name,
+        write.text,
+        write.sent_at if write.keep_sent_time else None,
+    )
 
 
 def _to_message(row: tuple[Any, ...]) -> StoredMessage:

@@ -6,6 +6,7 @@ WAL with synchronous=NORMAL: a committed message survives the process dying, not
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from dualwrite._sqlite import SqliteThread
@@ -69,6 +70,9 @@ class SqlitePermanentStore:
     async def save(self, write: PermanentWrite) -> None:
         await self._db.call(_save, write)
 
+    async def save_many(self, writes: Sequence[PermanentWrite]) -> None:
+        await self._db.call(_save_many, writes)
+
     async def get(self, channel: ChannelRef, message_id: str) -> StoredMessage | None:
         return await self._db.call(_get, channel, message_id)
 
@@ -77,20 +81,33 @@ class SqlitePermanentStore:
         return await self._db.call(_history, channel, bound, limit)
 
 
-def _save(db: sqlite3.Connection, write: PermanentWrite) -> None:
-    db.execute(
-        f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, "
-        f"COALESCE(?, {_NOW_MS}), {_NOW_MS}) ON CONFLICT DO NOTHING",
-        (
-            write.channel.workspace_id,
-            write.channel.channel_id,
-            write.message_id,
-            write.user_id,
-            write.user_name,
-            write.text,
-            write.sent_at if write.keep_sent_time else None,
-        ),
+_INSERT = (
+    f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, "
+    f"COALESCE(?, {_NOW_MS}), {_NOW_MS}) ON CONFLICT DO NOTHING"
+)
+
+
+def _row(write: PermanentWrite) -> tuple[object, ...]:
+    return (
+        write.channel.workspace_id,
+        write.channel.channel_id,
+        write.message_id,
+        write.user_id,
+        write.user_name,
+        write.text,
+        write.sent_at if write.keep_sent_time else None,
     )
+
+
+def _save(db: sqlite3.Connection, write: PermanentWrite) -> None:
+    db.execute(_INSERT, _row(write))
+
+
+def _save_many(db: sqlite3.Connection, writes: Sequence[PermanentWrite]) -> None:
+    # One transaction: one fsync of the WAL for the whole batch.
+    with db:
+        db.execute("BEGIN")
+        db.executemany(_INSERT, [_row(w) for w in writes])
 
 
 def _get(db: sqlite3.Connection, channel: ChannelRef, message_id: str) -> StoredMessage | None:

@@ -41,29 +41,42 @@ _BLOCK_MS = 1000
 
 
 class RedisRealtimeTier:
-    def __init__(self, url: str, prefix: str, clock: Clock, timeout_s: float) -> None:
+    def __init__(
+        self, url: str, prefix: str, clock: Clock, timeout_s: float, max_connections: int = 64
+    ) -> None:
         self._url = url
         self._prefix = prefix
         self._clock = clock
         self._timeout_s = timeout_s
+        self._max_connections = max_connections
         self._redis: aioredis.Redis | None = None
+        self._listen_redis: aioredis.Redis | None = None
         self._write_script: Any = None
 
     async def connect(self) -> None:
-        self._redis = aioredis.Redis.from_url(
-            self._url,
-            decode_responses=True,
-            socket_timeout=max(self._timeout_s, _BLOCK_MS / 1000 * 2),
-            socket_connect_timeout=self._timeout_s,
-            health_check_interval=30,
+        options: dict[str, Any] = {
+            "decode_responses": True,
+            "socket_timeout": max(self._timeout_s, _BLOCK_MS / 1000 * 2),
+            "socket_connect_timeout": self._timeout_s,
+            "health_check_interval": 30,
+        }
+        # Commands wait (up to the call timeout) for one of a bounded set of connections,
+        # rather than failing when a burst of sends outnumbers them.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self._url, max_connections=self._max_connections, timeout=self._timeout_s, **options
         )
+        self._redis = aioredis.Redis(connection_pool=pool)
+        # Live subscriptions block on XREAD; they get their own connections, so that they can
+        # never starve the writes.
+        self._listen_redis = aioredis.Redis.from_url(self._url, **options)
         self._write_script = self._redis.register_script(_WRITE)
         await self._redis.ping()
 
     async def close(self) -> None:
-        if self._redis is not None:
-            await self._redis.aclose()
-            self._redis = None
+        for client in (self._redis, self._listen_redis):
+            if client is not None:
+                await client.aclose()
+        self._redis = self._listen_redis = None
 
     @property
     def _r(self) -> Any:
@@ -136,7 +149,8 @@ class RedisRealtimeTier:
                 seen.first_time(message.message_id)
                 yield message
         while True:
-            batches = await self._r.xread({stream: position}, count=500, block=_BLOCK_MS)
+            listener: Any = self._listen_redis
+            batches = await listener.xread({stream: position}, count=500, block=_BLOCK_MS)
             for _, entries in batches or ():
                 for entry_id, fields in entries:
                     position = entry_id
@@ -174,5 +188,6 @@ def create(url: str, context: BackendContext) -> RedisRealtimeTier:
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query))
     prefix = query.pop("prefix", "dualwrite:")
+    max_connections = int(query.pop("max_connections", "64"))
     clean = urlunsplit(parts._replace(query=urlencode(query)))
-    return RedisRealtimeTier(clean, prefix, context.clock, context.call_timeout_s)
+    return RedisRealtimeTier(clean, prefix, context.clock, context.call_timeout_s, max_connections)
