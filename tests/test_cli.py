@@ -57,6 +57,34 @@ def test_bench_prints_figures_and_json(embedded: Path, capsys: pytest.CaptureFix
     assert "50/50" in printed.err
     figures = json.loads(out.read_text())
     assert figures["outcomes"] == {"saved": 50}
+    assert figures["send_latency_ms"]["count"] == 50
+    assert figures["delivery_latency_ms"]["count"] == 50, "every message reached its subscriber"
+
+
+def test_bench_raw_baseline_prints_a_ratio(
+    embedded: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = embedded / "bench.json"
+    args = ["bench", "--messages", "40", "--concurrency", "4", "--baseline", "raw"]
+    assert main([*args, "--json", str(out)]) == 0
+    assert "dualwrite / raw" in capsys.readouterr().out
+    figures = json.loads(out.read_text())
+    assert figures["baseline_raw"]["outcomes"] == {"saved": 40}
+    assert figures["ratio_to_raw"] > 0
+
+
+def test_bench_http_target_drives_a_real_server(
+    embedded: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = embedded / "bench.json"
+    args = ["bench", "--target", "http", "--messages", "30", "--concurrency", "3"]
+    assert main([*args, "--subscribers", "4", "--channels", "2", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["target"] == "http"
+    assert figures["outcomes"] == {"saved": 30}
+    # Four subscribers over two channels: each message reaches two of them.
+    assert figures["delivery_latency_ms"]["count"] == 60
+    assert figures["cpu_s"] > 0 and figures["peak_rss_mb"] > 0
 
 
 @pytest.mark.postgres

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import secrets
 import sys
 import tempfile
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from dualwrite.backends import BackendContext, create_permanent_store
-from dualwrite.bench import Progress, run_bench
+from dualwrite.bench import Progress
 from dualwrite.errors import DualWriteError, InvalidInput, SendFailed
 from dualwrite.model import User
 from dualwrite.runtime import DualWrite, open_dualwrite
-from dualwrite.settings import BadSetting, Settings, parse_fault_spec
+from dualwrite.settings import BadSetting, Settings, parse_fault_spec, redact_url
 
 log = logging.getLogger("dualwrite.cli")
 
@@ -108,6 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--messages", type=int, default=10_000)
     bench.add_argument("--concurrency", type=int, default=64)
     bench.add_argument("--channels", type=int, default=8)
+    bench.add_argument(
+        "--target",
+        choices=["library", "http"],
+        default="library",
+        help="the in-process send path, or a `serve` process over HTTP",
+    )
+    bench.add_argument(
+        "--subscribers", type=int, default=100, help="WebSocket subscribers (http target)"
+    )
+    bench.add_argument(
+        "--baseline",
+        choices=["none", "raw"],
+        default="none",
+        help="also run the same backend work with bare clients, for a ratio",
+    )
     bench.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     _backend_flags(bench)
     return parser
@@ -264,6 +280,8 @@ async def _migrate(args: argparse.Namespace) -> int:
 
 
 async def _bench(args: argparse.Namespace) -> int:
+    from dualwrite.bench import run_http, run_library, run_raw, write_json
+
     with tempfile.TemporaryDirectory(prefix="dualwrite-bench-") as scratch:
         # Unless told otherwise, measure the embedded default on scratch files.
         settings = Settings.from_env(
@@ -271,20 +289,93 @@ async def _bench(args: argparse.Namespace) -> int:
             realtime_url=args.realtime,
             queue_path=args.queue or str(Path(scratch, "queue.db")),
         )
-        progress = Progress(args.messages)
-        async with open_dualwrite(settings) as dw:
-            report = await run_bench(
-                dw,
+        labels = (redact_url(settings.realtime_url), redact_url(settings.store_url))
+        if args.target == "library":
+            async with open_dualwrite(settings) as dw:
+                report = await run_library(
+                    dw,
+                    messages=args.messages,
+                    concurrency=args.concurrency,
+                    channels=args.channels,
+                    on_sent=Progress(args.messages).advance,
+                )
+            report.realtime_url, report.store_url = labels
+        else:
+            with _bench_server(settings, scratch) as (base, token, pid):
+                report = await run_http(
+                    base,
+                    token,
+                    messages=args.messages,
+                    concurrency=args.concurrency,
+                    subscribers=args.subscribers,
+                    channels=args.channels,
+                    server_pid=pid,
+                    labels=labels,
+                    on_sent=Progress(args.messages).advance,
+                )
+        if args.baseline == "raw":
+            report.baseline = await run_raw(
+                settings.realtime_url,
+                settings.store_url,
                 messages=args.messages,
                 concurrency=args.concurrency,
-                channels=args.channels,
-                on_sent=progress.advance,
+                on_sent=Progress(args.messages, label="sent (raw baseline)").advance,
             )
+            if report.baseline is None:
+                print("bench: no raw baseline for these backends", file=sys.stderr)
+            else:
+                report.baseline.realtime_url, report.baseline.store_url = labels
     print(report.table())
     if args.json:
-        text = json.dumps(report.as_dict(), indent=2) + "\n"
-        await asyncio.to_thread(Path(args.json).write_text, text)
+        await asyncio.to_thread(write_json, args.json, report)
     return 0
+
+
+@contextlib.contextmanager
+def _bench_server(settings: Settings, scratch: str) -> Iterator[tuple[str, str, int]]:
+    """A `dualwrite serve` process on these backends, for the http target."""
+    import socket
+    import subprocess
+    import time
+
+    import httpx
+
+    from dualwrite.server.auth import Identity, TokenSigner
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    secret = secrets.token_urlsafe(48)
+    env = {
+        **os.environ,
+        "DUALWRITE_TOKEN_SECRET": secret,
+        "DUALWRITE_REALTIME_URL": settings.realtime_url,
+        "DUALWRITE_STORE_URL": settings.store_url,
+        "DUALWRITE_QUEUE_PATH": str(Path(scratch, "server-queue.db")),
+    }
+    log_path = Path(scratch, "server.log")
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dualwrite", "serve", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                        break
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise DualWriteError(f"bench server did not start: {log_path.read_text()}")
+                time.sleep(0.1)
+            token = TokenSigner(secret).mint(Identity(User("bench-user", "Bench"), "bench"))
+            yield base, token, process.pid
+        finally:
+            process.terminate()
+            process.wait(10)
 
 
 _HANDLERS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {

@@ -37,7 +37,8 @@ class PushIdGenerator:
                 now = self._last_ms
                 self._increment_random()
             else:
-                self._last_random = [secrets.randbelow(_BASE) for _ in range(_RANDOM_CHARS)]
+                # 256 is a multiple of 64, so each byte modulo 64 is a uniform digit.
+                self._last_random = [b % _BASE for b in secrets.token_bytes(_RANDOM_CHARS)]
             self._last_ms = now
             return time_prefix(now) + "".join(PUSH_CHARS[i] for i in self._last_random)
 

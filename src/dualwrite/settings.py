@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from dualwrite.errors import DualWriteError
 
@@ -80,6 +81,15 @@ class Settings:
             raise BadSetting("group commit needs max_batch >= 1, max_in_flight >= 1, wait >= 0")
         if self.max_text_chars < 1:
             raise BadSetting("max_text_chars must be at least 1")
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, fit to print."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
 
 
 def parse_fault_spec(spec: str) -> dict[str, float]:

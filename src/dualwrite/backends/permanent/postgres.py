@@ -24,6 +24,7 @@ from dualwrite.model import (
     StoredMessage,
     parse_history_cursor,
 )
+from dualwrite.settings import redact_url
 
 SCHEMA_VERSION = 1
 
@@ -93,7 +94,7 @@ class PostgresPermanentStore:
         except Exception as exc:
             await self._pool.close()
             self._pool = None
-            raise BackendError(f"cannot reach PostgreSQL at {_redacted(self._conninfo)}") from exc
+            raise BackendError(f"cannot reach PostgreSQL at {redact_url(self._conninfo)}") from exc
         if self._migrate_on_connect:
             await self.migrate()
         elif await self.schema_version() < SCHEMA_VERSION:
@@ -214,14 +215,6 @@ def _to_message(row: tuple[Any, ...]) -> StoredMessage:
     return StoredMessage(
         ChannelRef(ws, ch), message_id, user_id, user_name, text, int(timestamp), int(created_at)
     )
-
-
-def _redacted(conninfo: str) -> str:
-    parts = urlsplit(conninfo)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return conninfo
 
 
 def create(url: str, context: BackendContext) -> PostgresPermanentStore:

@@ -5,18 +5,20 @@ Per channel, under one hash tag so a cluster keeps them on one slot:
 - `{prefix}{ws/ch}:index`: a sorted set of the channel's ids, for reads in id order;
 - `{prefix}{ws/ch}:stream`: a stream of every write, trimmed to the last hour, which live
   subscribers read from their last position, so a reconnect misses nothing (pub/sub would).
-A write touches all three in one Lua call, so a reader never sees half of it.
+A write touches all three in one Lua call, so a reader never sees half of it; concurrent writes
+travel together in one pipeline.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 
+from dualwrite._coalesce import Coalescer
 from dualwrite.backends import BackendContext
 from dualwrite.backends._recent import RecentIds
 from dualwrite.clock import Clock
@@ -52,6 +54,9 @@ class RedisRealtimeTier:
         self._redis: aioredis.Redis | None = None
         self._listen_redis: aioredis.Redis | None = None
         self._write_script: Any = None
+        self._writes: Coalescer[tuple[ChannelRef, RealtimeMessage]] = Coalescer(
+            self._write_many, self._write_one, max_batch=256, max_in_flight=8
+        )
 
     async def connect(self) -> None:
         options: dict[str, Any] = {
@@ -70,7 +75,7 @@ class RedisRealtimeTier:
         # never starve the writes.
         self._listen_redis = aioredis.Redis.from_url(self._url, **options)
         self._write_script = self._redis.register_script(_WRITE)
-        await self._redis.ping()
+        await self._redis.script_load(_WRITE)
 
     async def close(self) -> None:
         for client in (self._redis, self._listen_redis):
@@ -89,17 +94,40 @@ class RedisRealtimeTier:
         return f"{self._prefix}{{{channel.workspace_id}/{channel.channel_id}}}:{part}"
 
     async def write(self, channel: ChannelRef, message: RealtimeMessage) -> None:
+        await self._writes.submit((channel, message))
+
+    def _script_call(self, channel: ChannelRef, message: RealtimeMessage) -> dict[str, Any]:
         record = json.dumps(message.to_wire(), ensure_ascii=False, separators=(",", ":"))
-        remaining = max(1, message.ttl - self._clock.now_ms())
-        cutoff = time_prefix(max(0, self._clock.now_ms() - REALTIME_TTL_MS))
-        await self._write_script(
-            keys=[
+        now = self._clock.now_ms()
+        return {
+            "keys": [
                 self._key(channel, f"msg:{message.message_id}"),
                 self._key(channel, "index"),
                 self._key(channel, "stream"),
             ],
-            args=[message.message_id, record, remaining, cutoff, REALTIME_TTL_MS],
-        )
+            "args": [
+                message.message_id,
+                record,
+                max(1, message.ttl - now),
+                time_prefix(max(0, now - REALTIME_TTL_MS)),
+                REALTIME_TTL_MS,
+            ],
+        }
+
+    async def _write_one(self, item: tuple[ChannelRef, RealtimeMessage]) -> None:
+        # Script.__call__ reloads the script if Redis lost it (restart, SCRIPT FLUSH).
+        await self._write_script(**self._script_call(*item))
+
+    async def _write_many(self, items: Sequence[tuple[ChannelRef, RealtimeMessage]]) -> None:
+        """Concurrent writes in one pipeline: one round trip, each still one atomic script.
+        If any fails (NOSCRIPT after a restart, say) the caller retries them one by one."""
+        async with self._r.pipeline(transaction=False) as pipe:
+            for item in items:
+                call = self._script_call(*item)
+                pipe.evalsha(
+                    self._write_script.sha, len(call["keys"]), *call["keys"], *call["args"]
+                )
+            await pipe.execute()
 
     def _decode(self, message_id: str, raw: str | None) -> RealtimeMessage | None:
         """The record, unless missing or expired by the (injectable) clock."""
