@@ -4,16 +4,28 @@ Callers each submit one item and await their own outcome. While a batch is in fl
 queue up; the next batch takes all that queued (up to ``max_batch``). At low load a call goes
 out alone at once; under load one round trip carries many. If a whole batch fails, its items
 are retried one by one, so each caller learns its own outcome.
+
+A caller that gives up (its timeout cancels it) leaves its item behind: an item not yet sent is
+dropped, and a batch whose callers have all given up is cancelled, so that a send reported as
+failed does not land later, when the backend wakes up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+
+@dataclass(eq=False)
+class _Batch:
+    futures: list[asyncio.Future[None]]
+    task: asyncio.Task[None]
 
 
 class Coalescer(Generic[T]):
@@ -35,7 +47,7 @@ class Coalescer(Generic[T]):
         self._slots = asyncio.Semaphore(max_in_flight)
         self._queue: collections.deque[tuple[T, asyncio.Future[None]]] = collections.deque()
         self._drainer: asyncio.Task[None] | None = None
-        self._batches: set[asyncio.Task[None]] = set()
+        self._batch_of: dict[asyncio.Future[None], _Batch] = {}
 
     async def submit(self, item: T) -> None:
         """Commit ``item`` (in some batch); raises what committing it raised."""
@@ -43,20 +55,36 @@ class Coalescer(Generic[T]):
         self._queue.append((item, future))
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain())
-        await future
+        try:
+            await future
+        except asyncio.CancelledError:
+            batch = self._batch_of.get(future)
+            if batch is not None and all(f.done() for f in batch.futures):
+                batch.task.cancel()
+            raise
 
     async def _drain(self) -> None:
         while self._queue:
             await self._slots.acquire()
             if self._max_wait_s and len(self._queue) < self._max_batch:
                 await asyncio.sleep(self._max_wait_s)
-            batch = [self._queue.popleft() for _ in range(min(len(self._queue), self._max_batch))]
+            batch: list[tuple[T, asyncio.Future[None]]] = []
+            while self._queue and len(batch) < self._max_batch:
+                item, future = self._queue.popleft()
+                if not future.done():  # its caller gave up before it was sent
+                    batch.append((item, future))
             if not batch:
                 self._slots.release()
                 continue
-            task = asyncio.create_task(self._commit(batch))
-            self._batches.add(task)
-            task.add_done_callback(self._batches.discard)
+            futures = [future for _, future in batch]
+            record = _Batch(futures, asyncio.create_task(self._commit(batch)))
+            for future in futures:
+                self._batch_of[future] = record
+            record.task.add_done_callback(functools.partial(self._forget, futures))
+
+    def _forget(self, futures: list[asyncio.Future[None]], _task: object) -> None:
+        for future in futures:
+            self._batch_of.pop(future, None)
 
     async def _commit(self, batch: list[tuple[T, asyncio.Future[None]]]) -> None:
         try:

@@ -67,12 +67,6 @@ async def queue_empty(dw: DualWrite) -> bool:
     return not await dw.pending()
 
 
-async def assert_channel_empty(dw: DualWrite, workspace: str) -> None:
-    history = await dw.history(workspace, "general")
-    assert history.messages == []
-    assert await dw.pending() == []
-
-
 async def test_paused_redis_fails_the_send_within_the_timeout(tmp_path: Path) -> None:
     rt = realtime_url("redis", tmp_path)
     async with open_dualwrite(
@@ -89,7 +83,12 @@ async def test_paused_redis_fails_the_send_within_the_timeout(tmp_path: Path) ->
         finally:
             await admin.execute_command("CLIENT", "UNPAUSE")
             await admin.aclose()
-        await assert_channel_empty(dw, workspace)
+        # Nothing reached PostgreSQL and nothing was queued. (The realtime write itself may
+        # still land once Redis wakes: a timeout cannot take back what Redis already holds;
+        # the reconciler persists such late deliveries.)
+        page = await dw.store.history(ChannelRef(workspace, "general"), None, 10)
+        assert page.messages == []
+        assert await dw.pending() == []
 
 
 async def test_redis_cut_off_fails_the_send_and_recovers(
