@@ -105,3 +105,15 @@ def test_migrate_creates_the_schema_a_send_needs(
     assert main(["migrate"]) == 0
     assert main(["migrate"]) == 0  # idempotent
     assert main([*SEND, "--user-name", "Ada", "hi"]) == 0
+
+
+def test_inspect_and_reconcile(embedded: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*SEND, "--user-name", "Ada", "hello"]) == 0
+    message_id = capsys.readouterr().out.split()[0]
+    where = ["--workspace", "acme", "--channel", "general"]
+    assert main(["inspect", *where, "--", message_id]) == 0
+    out = capsys.readouterr().out
+    assert "permanent store: {" in out and '"text": "hello"' in out
+    assert "(not queued here)" in out
+    assert main(["reconcile"]) == 0
+    assert "persisted 0" in capsys.readouterr().out

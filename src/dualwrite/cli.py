@@ -102,6 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--workspace", required=True)
     token.add_argument("--hours", type=int, default=12)
 
+    reconcile = commands.add_parser(
+        "reconcile", help="save delivered messages that were neither saved nor queued"
+    )
+    reconcile.add_argument("--grace", type=float, help="seconds a message is left alone (30)")
+    _backend_flags(reconcile)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="one message in the realtime tier, the permanent store and the queue",
+        description="Ids may start with '-': put -- before one (inspect -- -P7Gq...).",
+    )
+    inspect.add_argument("message_id")
+    inspect.add_argument("--workspace")
+    inspect.add_argument("--channel")
+    _backend_flags(inspect)
+
     migrate = commands.add_parser("migrate", help="create or upgrade the permanent store's schema")
     _backend_flags(migrate)
 
@@ -270,6 +286,50 @@ async def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _reconcile(args: argparse.Namespace) -> int:
+    settings = Settings.from_env(
+        realtime_url=args.realtime,
+        store_url=args.store,
+        queue_path=args.queue,
+        reconcile_grace_s=args.grace,
+    )
+    async with open_dualwrite(settings, background=False) as dw:
+        report = await dw.reconcile()
+    print(
+        f"channels {report.channels}, scanned {report.scanned}, "
+        f"persisted {report.persisted}, failed {report.failed}"
+    )
+    return EXIT_FAILED if report.failed else 0
+
+
+async def _inspect(args: argparse.Namespace) -> int:
+    async with open_dualwrite(_settings(args), background=False) as dw:
+        found = await dw.inspect(args.message_id, args.workspace, args.channel)
+    where = f"{found.channel.workspace_id}/{found.channel.channel_id}" if found.channel else "?"
+    print(f"message {found.message_id} in {where}")
+    print(
+        "realtime tier  :",
+        json.dumps(found.realtime.to_wire(), ensure_ascii=False)
+        if found.realtime
+        else "(absent or expired)",
+    )
+    print(
+        "permanent store:",
+        json.dumps(found.permanent.to_wire(), ensure_ascii=False)
+        if found.permanent
+        else "(absent)",
+    )
+    if found.queued:
+        q = found.queued
+        print(
+            f"retry queue    : waiting, attempts={q.attempts}, "
+            f"next_attempt_at={q.next_attempt_at}, last_error={q.last_error}"
+        )
+    else:
+        print("retry queue    : (not queued here)")
+    return 0 if (found.realtime or found.permanent or found.queued) else EXIT_FAILED
+
+
 async def _migrate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     store = create_permanent_store(settings.store_url, BackendContext(migrate_on_start=True))
@@ -383,6 +443,8 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] =
     "history": _history,
     "queue": _queue,
     "migrate": _migrate,
+    "reconcile": _reconcile,
+    "inspect": _inspect,
     "serve": _serve,
     "token": _token,
     "bench": _bench,

@@ -104,6 +104,10 @@ class FaultyRealtimeTier:
         async for message in self.inner.subscribe(channel, after_id):
             yield message
 
+    async def channels(self) -> list[ChannelRef]:
+        await self.faults.check("channels")
+        return await self.inner.channels()
+
     async def sweep_expired(self, now_ms: int) -> int:
         await self.faults.check("sweep_expired")
         return await self.inner.sweep_expired(now_ms)

@@ -65,6 +65,10 @@ class RealtimeTier(Protocol):
         """
         ...
 
+    async def channels(self) -> list[ChannelRef]:
+        """Every channel that may hold unexpired entries (for the reconciler and inspect)."""
+        ...
+
     async def sweep_expired(self, now_ms: int) -> int:
         """Delete entries whose `ttl` has passed; returns how many were deleted."""
         ...

@@ -17,6 +17,7 @@ from dualwrite.group_commit import GroupCommitStore
 from dualwrite.model import (
     ChannelHistory,
     ChannelMessage,
+    ChannelRef,
     PermanentWrite,
     RealtimeMessage,
     SendResult,
@@ -27,6 +28,7 @@ from dualwrite.model import (
     parse_history_cursor,
 )
 from dualwrite.ports import PermanentStore, RealtimeTier
+from dualwrite.reconciler import Reconciler, ReconcileReport
 from dualwrite.reporting import init_sentry
 from dualwrite.retrier import Backoff, Retrier, RetryReport
 from dualwrite.retry_queue import QueuedWrite, RetryQueue
@@ -44,6 +46,7 @@ class Inspection:
     """One message in each place it can be: the specification's "console" check."""
 
     message_id: str
+    channel: ChannelRef | None
     realtime: RealtimeMessage | None
     permanent: StoredMessage | None
     queued: QueuedWrite | None
@@ -75,6 +78,14 @@ class DualWrite:
                 permanent_timeout_s=settings.permanent_timeout_s,
                 max_text_chars=settings.max_text_chars,
             ),
+        )
+        self.reconciler = Reconciler(
+            realtime,
+            store,
+            queue,
+            clock,
+            timeout_s=settings.permanent_timeout_s,
+            grace_ms=int(settings.reconcile_grace_s * 1000),
         )
         self.retrier = Retrier(
             queue,
@@ -166,15 +177,41 @@ class DualWrite:
         """Live messages of a channel; with ``after_id``, what came after it first."""
         return self.realtime.subscribe(check_channel(workspace_id, channel_id), after_id)
 
-    async def inspect(self, workspace_id: str, channel_id: str, message_id: str) -> Inspection:
-        channel = check_channel(workspace_id, channel_id)
+    async def inspect(
+        self, message_id: str, workspace_id: str | None = None, channel_id: str | None = None
+    ) -> Inspection:
+        """One message as each place holds it. Without its channel, the channel is found
+        from the retry queue or by looking through the realtime tier's channels."""
         check_id("messageId", message_id)
-        return Inspection(
-            message_id,
-            await self.realtime.read(channel, message_id),
-            await self.store.get(channel, message_id),
-            await self.queue.find(message_id),
-        )
+        queued = await self.queue.find(message_id)
+        if workspace_id is not None and channel_id is not None:
+            candidates = [check_channel(workspace_id, channel_id)]
+        elif queued is not None:
+            candidates = [queued.write.channel]
+        else:
+            candidates = await self.realtime.channels()
+        for channel in candidates:
+            live = await self.realtime.read(channel, message_id)
+            stored = await self.store.get(channel, message_id)
+            if live or stored or queued or len(candidates) == 1:
+                return Inspection(message_id, channel, live, stored, queued)
+        return Inspection(message_id, None, None, None, queued)
+
+    async def reconcile(self) -> ReconcileReport:
+        """Save delivered messages older than the grace period that are neither saved nor
+        queued (a process died between the two writes)."""
+        return await self.reconciler.run_once()
+
+    async def _reconcile_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reconcile_interval_s)
+            try:
+                report = await self.reconcile()
+            except Exception:
+                log.exception("reconcile round failed")
+            else:
+                if report.persisted or report.failed:
+                    log.warning("reconcile: %s", report)
 
     async def sweep(self) -> int:
         """Delete expired realtime entries now; returns how many."""
@@ -243,6 +280,7 @@ async def open_dualwrite(
         if background:
             tasks.append(asyncio.create_task(app.retrier.run(settings.retry_poll_s)))
             tasks.append(asyncio.create_task(app._sweep_forever()))
+            tasks.append(asyncio.create_task(app._reconcile_forever()))
         try:
             yield app
         finally:

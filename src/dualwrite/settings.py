@@ -32,6 +32,9 @@ class Settings:
     retry_cap_s: float = 300.0
     retry_poll_s: float = 1.0
     sweep_interval_s: float = 60.0
+    reconcile_interval_s: float = 60.0
+    reconcile_grace_s: float = 30.0
+    """The reconciler leaves messages younger than this to their own send."""
     sentry_dsn: str | None = None
     migrate_on_start: bool = False
     """Create or upgrade the permanent store's schema on connect (else: `dualwrite migrate`)."""
@@ -71,6 +74,8 @@ class Settings:
             "retry_cap_s",
             "retry_poll_s",
             "sweep_interval_s",
+            "reconcile_interval_s",
+            "reconcile_grace_s",
         ):
             if getattr(self, name) <= 0:
                 raise BadSetting(f"{name} must be positive")

@@ -150,3 +150,14 @@ async def test_claim_send_binds_a_key_once(
     other_user = SendKey(key.workspace_id, "u2", "client-1")
     second = SendClaim("-other", 3, "f3")
     assert await realtime.claim_send(other_user, second, REALTIME_TTL_MS) == second
+
+
+async def test_channels_lists_the_channels_with_entries(
+    realtime: RealtimeTier, clock: ManualClock, ids: PushIdGenerator
+) -> None:
+    workspace = unique("ws")
+    first, second = ChannelRef(workspace, "alpha"), ChannelRef(workspace, "beta")
+    await realtime.write(first, make_message(clock, ids))
+    await realtime.write(second, make_message(clock, ids))
+    listed = [c for c in await realtime.channels() if c.workspace_id == workspace]
+    assert listed == [first, second]

@@ -160,24 +160,29 @@ class FirebaseRealtimeTier:
         messages = (self._decode(k, v) for k, v in sorted(data.items()))
         return [m for m in messages if m is not None]
 
-    async def sweep_expired(self, now_ms: int) -> int:
-        deleted = 0
+    async def channels(self) -> list[ChannelRef]:
+        found = []
         workspaces = await self._run(self._ref("messages").get, False, True) or {}
         for workspace in workspaces:
             channels = await self._run(self._ref(f"messages/{workspace}").get, False, True) or {}
-            for channel_id in channels:
-                channel = self._ref(f"messages/{workspace}/{channel_id}")
-                query = channel.order_by_child("ttl").end_at(now_ms)
-                candidates = await self._run(query.get) or {}
-                # Never trust the query alone: check each child's own ttl.
-                expired = {
-                    message_id: None
-                    for message_id, data in candidates.items()
-                    if isinstance(data, dict) and int(data.get("ttl", now_ms + 1)) <= now_ms
-                }
-                if expired:
-                    await self._run(channel.update, expired)
-                    deleted += len(expired)
+            found += [ChannelRef(workspace, channel_id) for channel_id in channels]
+        return sorted(found)
+
+    async def sweep_expired(self, now_ms: int) -> int:
+        deleted = 0
+        for ref in await self.channels():
+            channel = self._ref(ref.realtime_path)
+            query = channel.order_by_child("ttl").end_at(now_ms)
+            candidates = await self._run(query.get) or {}
+            # Never trust the query alone: check each child's own ttl.
+            expired = {
+                message_id: None
+                for message_id, data in candidates.items()
+                if isinstance(data, dict) and int(data.get("ttl", now_ms + 1)) <= now_ms
+            }
+            if expired:
+                await self._run(channel.update, expired)
+                deleted += len(expired)
         return deleted
 
     async def claim_send(self, key: SendKey, claim: SendClaim, ttl_ms: int) -> SendClaim:

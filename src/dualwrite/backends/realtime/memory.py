@@ -75,6 +75,9 @@ class MemoryRealtimeTier:
             if not subscribers:
                 self._subscribers.pop(channel, None)
 
+    async def channels(self) -> list[ChannelRef]:
+        return sorted(self._channels)
+
     async def sweep_expired(self, now_ms: int) -> int:
         deleted = 0
         for channel, entries in list(self._channels.items()):

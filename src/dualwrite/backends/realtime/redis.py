@@ -188,6 +188,15 @@ class RedisRealtimeTier:
                     ):
                         yield message
 
+    async def channels(self) -> list[ChannelRef]:
+        found = set()
+        start = len(self._prefix) + 1
+        async for index in self._r.scan_iter(match=f"{self._prefix}{{*}}:index", count=500):
+            # {prefix}{ws/ch}:index -- ids cannot hold "/", so the split is exact.
+            workspace, channel_id = index[start : -len("}:index")].split("/", 1)
+            found.add(ChannelRef(workspace, channel_id))
+        return sorted(found)
+
     async def sweep_expired(self, now_ms: int) -> int:
         """Redis expires entries by itself; this drops what the clock says has expired early."""
         deleted = 0
