@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("DUALWRITE_FIREBASE_PROJECT"),
         help="also accept Firebase ID tokens of this project (env DUALWRITE_FIREBASE_PROJECT)",
     )
+    serve.add_argument(
+        "--send-rate",
+        type=float,
+        default=float(os.environ.get("DUALWRITE_SEND_RATE_PER_S", "10")),
+        help="per-user sends a second, bursts of twice that; 0: off (DUALWRITE_SEND_RATE_PER_S)",
+    )
     serve.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     _backend_flags(serve)
 
@@ -261,6 +267,8 @@ async def _serve(args: argparse.Namespace) -> int:
             token_secret=secret,
             dev_sign_in=dev_sign_in,
             firebase_project=args.firebase_project,
+            send_rate_per_s=args.send_rate,
+            send_burst=max(1, int(args.send_rate * 2)),
         ),
     )
     server = uvicorn.Server(
@@ -412,6 +420,7 @@ def _bench_server(settings: Settings, scratch: str) -> Iterator[tuple[str, str, 
         "DUALWRITE_REALTIME_URL": settings.realtime_url,
         "DUALWRITE_STORE_URL": settings.store_url,
         "DUALWRITE_QUEUE_PATH": str(Path(scratch, "server-queue.db")),
+        "DUALWRITE_SEND_RATE_PER_S": "0",  # one bench user sends everything
     }
     log_path = Path(scratch, "server.log")
     with log_path.open("w") as log:

@@ -234,3 +234,19 @@ def test_metrics_openapi_page_and_health(api: Api) -> None:
     assert "Message sent but not saved. It will disappear in 1 hour." in page
     assert api.client.get("/static/app.js").status_code == 200
     assert api.client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_a_user_sending_too_fast_gets_429_with_retry_after(api: Api) -> None:
+    statuses = [
+        api.client.post(MESSAGES, headers=api.auth(), json={"text": f"m{i}"}).status_code
+        for i in range(25)
+    ]
+    assert statuses[:20] == [201] * 20  # the burst
+    refused = api.client.post(MESSAGES, headers=api.auth(), json={"text": "more"})
+    assert refused.status_code == 429
+    assert int(refused.headers["retry-after"]) >= 1
+    assert 429 in statuses
+    # Others are not slowed by one user's burst.
+    other = api.client.post(MESSAGES, headers=api.auth(user="u2"), json={"text": "hi"})
+    assert other.status_code == 201
+    assert "more" not in [m["text"] for m in history(api, limit=50)]

@@ -41,6 +41,7 @@ from dualwrite.server.auth import (
 )
 from dualwrite.server.live import LiveHub, Overflowed
 from dualwrite.server.openapi import OPENAPI
+from dualwrite.server.ratelimit import RateLimiter, retry_after_header
 from dualwrite.settings import Settings
 from dualwrite.validation import check_channel, check_id
 
@@ -57,6 +58,9 @@ class ServerConfig:
     dev_sign_in: bool = False
     """Serve `POST /api/dev/token` (the page's sign-in form). Development only."""
     max_history: int = 200
+    send_rate_per_s: float = 10.0
+    """Per-user sends a second (token bucket, per process); 0 turns the limit off."""
+    send_burst: int = 20
     firebase_project: str | None = None
     """Also accept Firebase ID tokens of this project (uid, name, `workspaceId` claim)."""
 
@@ -77,6 +81,7 @@ def create_app(
     open_runtime: Callable[[], contextlib.AbstractAsyncContextManager[DualWrite]] | None = None,
 ) -> Starlette:
     """The server app; ``open_runtime`` replaces `open_dualwrite(settings)` (for tests)."""
+    limiter = RateLimiter(config.send_rate_per_s, config.send_burst)
     signer = TokenSigner(config.token_secret)
     authenticator = Authenticator(
         signer, FirebaseIdTokens(config.firebase_project) if config.firebase_project else None
@@ -120,6 +125,13 @@ def create_app(
 
     async def send(request: Request, identity: Identity) -> Response:
         channel = channel_of(request, identity)
+        wait_s = limiter.acquire((identity.workspace_id, identity.user.id))
+        if wait_s:
+            return JSONResponse(
+                {"error": "too many messages: slow down"},
+                429,
+                headers={"Retry-After": retry_after_header(wait_s)},
+            )
         body = await json_body(request)
         text = body.get("text")
         client_message_id = body.get("clientMessageId")

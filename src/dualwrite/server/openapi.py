@@ -83,6 +83,7 @@ OPENAPI: dict[str, Any] = {
                     "202": {"description": "delivered, not saved yet (warning; queued)"},
                     "400": _error("the body is not a JSON object"),
                     "413": _error("text or body too long"),
+                    "429": _error("the user sends too fast; see Retry-After"),
                     "503": _error("Message failed to send. Retry?"),
                     **_COMMON,
                 },
