@@ -124,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--channel")
     _backend_flags(inspect)
 
+    chaos = commands.add_parser(
+        "chaos",
+        help="send through two servers while faults are injected; check nothing is lost",
+    )
+    chaos.add_argument("--messages", type=int, default=1000)
+    chaos.add_argument("--concurrency", type=int, default=8)
+    chaos.add_argument("--spacing", type=float, default=1.5, help="seconds between faults")
+    chaos.add_argument(
+        "--postgres",
+        default=os.environ.get(
+            "DUALWRITE_CHAOS_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+        ),
+        help="PostgreSQL to run against (a fresh schema is made and dropped)",
+    )
+
     migrate = commands.add_parser("migrate", help="create or upgrade the permanent store's schema")
     _backend_flags(migrate)
 
@@ -338,6 +353,20 @@ async def _inspect(args: argparse.Namespace) -> int:
     return 0 if (found.realtime or found.permanent or found.queued) else EXIT_FAILED
 
 
+async def _chaos(args: argparse.Namespace) -> int:
+    from dualwrite.chaos import describe, run_chaos
+
+    report = await run_chaos(
+        args.postgres,
+        messages=args.messages,
+        concurrency=args.concurrency,
+        spacing_s=args.spacing,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print(describe(report))
+    return 0 if report.ok else EXIT_FAILED
+
+
 async def _migrate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     store = create_permanent_store(settings.store_url, BackendContext(migrate_on_start=True))
@@ -452,6 +481,7 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] =
     "history": _history,
     "queue": _queue,
     "migrate": _migrate,
+    "chaos": _chaos,
     "reconcile": _reconcile,
     "inspect": _inspect,
     "serve": _serve,

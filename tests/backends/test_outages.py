@@ -14,10 +14,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from dualwrite import SendFailed, Settings, User, open_dualwrite
+from dualwrite._proxy import TcpProxy
 from dualwrite.model import ChannelRef
 from dualwrite.runtime import DualWrite
 from tests.conftest import realtime_url, store_url, unique
-from tests.support.proxy import TcpProxy
 from tests.support.wait import until
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]

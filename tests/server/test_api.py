@@ -27,7 +27,11 @@ def test_send_saved_is_201_and_shows_in_history(api: Api) -> None:
     response = api.client.post(MESSAGES, headers=api.auth(), json={"text": "hello"})
     assert response.status_code == 201
     body = response.json()
-    assert body == {"messageId": body["messageId"], "status": "saved"}
+    assert body == {
+        "messageId": body["messageId"],
+        "status": "saved",
+        "timestamp": body["timestamp"],
+    }
     [message] = history(api)
     assert message["messageId"] == body["messageId"]
     assert (message["text"], message["userName"], message["saved"]) == ("hello", "Ada", True)

@@ -162,7 +162,11 @@ def create_app(
             channel.channel_id,
             identity.user.id,
         )
-        payload: dict[str, Any] = {"messageId": result.message_id, "status": result.status}
+        payload: dict[str, Any] = {
+            "messageId": result.message_id,
+            "status": result.status,
+            "timestamp": result.timestamp,
+        }
         if result.warning:
             payload["warning"] = result.warning
             return JSONResponse(payload, 202)

@@ -7,13 +7,14 @@ Create the schema with `dualwrite migrate` (or `DUALWRITE_MIGRATE_ON_START=1`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from dualwrite.backends import BackendContext
 from dualwrite.errors import BackendError
@@ -25,6 +26,8 @@ from dualwrite.model import (
     parse_history_cursor,
 )
 from dualwrite.settings import redact_url
+
+log = logging.getLogger("dualwrite.backends.postgres")
 
 SCHEMA_VERSION = 1
 
@@ -59,6 +62,10 @@ _NOW = "date_trunc('milliseconds', now())"
 _FROM_MS = "(timestamptz 'epoch' + %s * interval '1 millisecond')"
 
 
+class DatabaseUnreachable(BackendError):
+    """PostgreSQL did not answer (down, cut off, or refusing connections)."""
+
+
 class SchemaMissing(BackendError):
     """The database has no (or an older) dualwrite schema: run `dualwrite migrate`."""
 
@@ -73,6 +80,7 @@ class PostgresPermanentStore:
         self._timeout_s = timeout_s
         self._migrate_on_connect = migrate_on_connect
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
+        self._schema_ready = False
 
     async def connect(self) -> None:
         self._pool = AsyncConnectionPool(
@@ -89,19 +97,31 @@ class PostgresPermanentStore:
                 "options": f"-c statement_timeout={int(self._timeout_s * 1000)}",
             },
         )
+        # Start even while PostgreSQL is down: sends are then delivered and queued, which is
+        # the point of the realtime tier. The schema is checked as soon as it answers.
+        await self._pool.open(wait=False)
         try:
-            await self._pool.open(wait=True, timeout=self._timeout_s)
-        except Exception as exc:
-            await self._pool.close()
-            self._pool = None
-            raise BackendError(f"cannot reach PostgreSQL at {redact_url(self._conninfo)}") from exc
-        if self._migrate_on_connect:
-            await self.migrate()
-        elif await self.schema_version() < SCHEMA_VERSION:
+            await self._ensure_schema()
+        except DatabaseUnreachable as unreachable:
+            log.warning("%s; sends will queue until it answers", unreachable)
+
+    async def _ensure_schema(self) -> None:
+        if self._schema_ready:
+            return
+        try:
+            if self._migrate_on_connect:
+                await self.migrate()
+            version = await self.schema_version()
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise DatabaseUnreachable(
+                f"cannot reach PostgreSQL at {redact_url(self._conninfo)}: {exc}"
+            ) from exc
+        if version < SCHEMA_VERSION:
             raise SchemaMissing(
                 f"schema {self._schema_name!r} is not at version {SCHEMA_VERSION}: "
                 "run `dualwrite migrate` (or set DUALWRITE_MIGRATE_ON_START=1)"
             )
+        self._schema_ready = True
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -141,6 +161,7 @@ class PostgresPermanentStore:
         return SCHEMA_VERSION
 
     async def save(self, write: PermanentWrite) -> None:
+        await self._ensure_schema()
         async with self._p.connection() as conn:
             await conn.execute(
                 self._q(
@@ -158,6 +179,7 @@ class PostgresPermanentStore:
         for write in writes:
             for column, value in zip(columns, _row(write), strict=True):
                 column.append(value)
+        await self._ensure_schema()
         async with self._p.connection() as conn:
             await conn.execute(
                 self._q(
@@ -173,6 +195,7 @@ class PostgresPermanentStore:
             )
 
     async def get(self, channel: ChannelRef, message_id: str) -> StoredMessage | None:
+        await self._ensure_schema()
         async with self._p.connection() as conn:
             cur = await conn.execute(
                 self._q(
@@ -189,6 +212,7 @@ class PostgresPermanentStore:
         if before is not None:
             where += f'AND ("timestamp", message_id) < ({_FROM_MS}, %s) '
             params += list(parse_history_cursor(before))
+        await self._ensure_schema()
         async with self._p.connection() as conn:
             cur = await conn.execute(
                 self._q(_SELECT + where + 'ORDER BY "timestamp" DESC, message_id DESC LIMIT %s'),

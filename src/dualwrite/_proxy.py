@@ -1,4 +1,4 @@
-"""A TCP proxy a test can cut and restore: a real network outage between dualwrite and a server."""
+"""A TCP proxy that can be cut and restored: a real network outage, for chaos runs and tests."""
 
 from __future__ import annotations
 
