@@ -89,6 +89,32 @@ class PermanentWrite:
     def as_retry(self) -> PermanentWrite:
         return replace(self, keep_sent_time=True)
 
+    @classmethod
+    def from_realtime(cls, channel: ChannelRef, message: RealtimeMessage) -> PermanentWrite:
+        """The write that saves a realtime entry late, keeping its send time."""
+        return cls(
+            channel,
+            message.message_id,
+            message.user_id,
+            message.user_name,
+            message.text,
+            message.timestamp,
+            keep_sent_time=True,
+        )
+
+    def as_row(self) -> tuple[str, str, str, str, str, str, int | None]:
+        """The values a SQL store inserts, in its column order; the last is `timestamp`,
+        None on a first attempt (the store's own clock decides)."""
+        return (
+            self.channel.workspace_id,
+            self.channel.channel_id,
+            self.message_id,
+            self.user_id,
+            self.user_name,
+            self.text,
+            self.sent_at if self.keep_sent_time else None,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class StoredMessage:

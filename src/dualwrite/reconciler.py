@@ -63,14 +63,7 @@ class Reconciler:
                     continue  # the retrier owns it
                 if await self._store.get(channel, message.message_id) is not None:
                     continue
-                write = PermanentWrite(
-                    channel,
-                    message.message_id,
-                    message.user_id,
-                    message.user_name,
-                    message.text,
-                    message.timestamp,
-                ).as_retry()
+                write = PermanentWrite.from_realtime(channel, message)
                 try:
                     await bounded(self._store.save(write), self._timeout_s, "permanent store")
                 except Exception as error:

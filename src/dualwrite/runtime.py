@@ -132,10 +132,7 @@ class DualWrite:
         live = await self.realtime.read(channel, message_id)
         if live is None:
             raise MessageNotFound(f"message {message_id} is in neither tier")
-        write = PermanentWrite(
-            channel, message_id, live.user_id, live.user_name, live.text, live.timestamp
-        ).as_retry()
-        return await self.sender.save_or_queue(write)
+        return await self.sender.save_or_queue(PermanentWrite.from_realtime(channel, live))
 
     async def retry_all(self) -> RetryReport:
         """Manual retry of every queued permanent write."""

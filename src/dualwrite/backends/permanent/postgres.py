@@ -161,23 +161,13 @@ class PostgresPermanentStore:
         return SCHEMA_VERSION
 
     async def save(self, write: PermanentWrite) -> None:
-        await self._ensure_schema()
-        async with self._p.connection() as conn:
-            await conn.execute(
-                self._q(
-                    "INSERT INTO {schema}.messages (workspace_id, channel_id, message_id, "
-                    'user_id, user_name, text, "timestamp", created_at) '
-                    f"VALUES (%s, %s, %s, %s, %s, %s, COALESCE({_FROM_MS}, {_NOW}), {_NOW}) "
-                    "ON CONFLICT DO NOTHING"
-                ),
-                _row(write),
-            )
+        await self.save_many([write])
 
     async def save_many(self, writes: Sequence[PermanentWrite]) -> None:
         """One statement for the whole batch: rows arrive as arrays and are unnested."""
         columns: list[list[object]] = [[] for _ in range(7)]
         for write in writes:
-            for column, value in zip(columns, _row(write), strict=True):
+            for column, value in zip(columns, write.as_row(), strict=True):
                 column.append(value)
         await self._ensure_schema()
         async with self._p.connection() as conn:
@@ -220,18 +210,6 @@ class PostgresPermanentStore:
             )
             rows = await cur.fetchall()
         return HistoryPage.from_candidates([_to_message(r) for r in rows], limit)
-
-
-def _row(write: PermanentWrite) -> tuple[object, ...]:
-    return (
-        write.channel.workspace_id,
-        write.channel.channel_id,
-        write.message_id,
-        write.user_id,
-        write.user_name,
-        write.text,
-        write.sent_at if write.keep_sent_time else None,
-    )
 
 
 def _to_message(row: tuple[Any, ...]) -> StoredMessage:

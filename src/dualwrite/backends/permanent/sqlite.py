@@ -87,27 +87,15 @@ _INSERT = (
 )
 
 
-def _row(write: PermanentWrite) -> tuple[object, ...]:
-    return (
-        write.channel.workspace_id,
-        write.channel.channel_id,
-        write.message_id,
-        write.user_id,
-        write.user_name,
-        write.text,
-        write.sent_at if write.keep_sent_time else None,
-    )
-
-
 def _save(db: sqlite3.Connection, write: PermanentWrite) -> None:
-    db.execute(_INSERT, _row(write))
+    db.execute(_INSERT, write.as_row())
 
 
 def _save_many(db: sqlite3.Connection, writes: Sequence[PermanentWrite]) -> None:
     # One transaction: one fsync of the WAL for the whole batch.
     with db:
         db.execute("BEGIN")
-        db.executemany(_INSERT, [_row(w) for w in writes])
+        db.executemany(_INSERT, [w.as_row() for w in writes])
 
 
 def _get(db: sqlite3.Connection, channel: ChannelRef, message_id: str) -> StoredMessage | None:
