@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from dualwrite._proxy import TcpProxy
+from dualwrite._serve_process import free_port
 
 TOKEN_SECRET_BYTES = 48
 
@@ -60,12 +61,6 @@ class ChaosReport:
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 async def _wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
@@ -82,7 +77,7 @@ def _answers(port: int) -> bool:
 
 class _Redis:
     def __init__(self, workdir: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.workdir = workdir
         self.process: asyncio.subprocess.Process | None = None
 
@@ -113,7 +108,7 @@ class _Redis:
 class _Server:
     def __init__(self, name: str, env: dict[str, str], workdir: Path) -> None:
         self.name = name
-        self.port = _free_port()
+        self.port = free_port()
         self.env = {**env, "DUALWRITE_QUEUE_PATH": str(workdir / f"queue-{name}.db")}
         self.queue_path = Path(self.env["DUALWRITE_QUEUE_PATH"])
         self.log = workdir / f"serve-{name}.log"

@@ -431,17 +431,9 @@ async def _bench(args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def _bench_server(settings: Settings, scratch: str) -> Iterator[tuple[str, str, int]]:
     """A `dualwrite serve` process on these backends, for the http target."""
-    import socket
-    import subprocess
-    import time
-
-    import httpx
-
+    from dualwrite._serve_process import serve_process
     from dualwrite.server.auth import Identity, TokenSigner
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     secret = secrets.token_urlsafe(48)
     env = {
         **os.environ,
@@ -451,29 +443,9 @@ def _bench_server(settings: Settings, scratch: str) -> Iterator[tuple[str, str, 
         "DUALWRITE_QUEUE_PATH": str(Path(scratch, "server-queue.db")),
         "DUALWRITE_SEND_RATE_PER_S": "0",  # one bench user sends everything
     }
-    log_path = Path(scratch, "server.log")
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "dualwrite", "serve", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                        break
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise DualWriteError(f"bench server did not start: {log_path.read_text()}")
-                time.sleep(0.1)
-            token = TokenSigner(secret).mint(Identity(User("bench-user", "Bench"), "bench"))
-            yield base, token, process.pid
-        finally:
-            process.terminate()
-            process.wait(10)
+    with serve_process(env, Path(scratch, "server.log")) as (base, pid):
+        token = TokenSigner(secret).mint(Identity(User("bench-user", "Bench"), "bench"))
+        yield base, token, pid
 
 
 _HANDLERS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from dualwrite import metrics
@@ -199,31 +199,29 @@ class DualWrite:
         queued (a process died between the two writes)."""
         return await self.reconciler.run_once()
 
-    async def _reconcile_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.reconcile_interval_s)
-            try:
-                report = await self.reconcile()
-            except Exception:
-                log.exception("reconcile round failed")
-            else:
-                if report.persisted or report.failed:
-                    log.warning("reconcile: %s", report)
-
     async def sweep(self) -> int:
         """Delete expired realtime entries now; returns how many."""
         return await self.realtime.sweep_expired(self.clock.now_ms())
 
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.sweep_interval_s)
-            try:
-                deleted = await self.sweep()
-            except Exception:
-                log.exception("realtime sweep failed")
-            else:
-                if deleted:
-                    log.info("swept expired realtime entries: count=%d", deleted)
+    async def _reconcile_round(self) -> None:
+        report = await self.reconcile()
+        if report.persisted or report.failed:
+            log.warning("reconcile: %s", report)
+
+    async def _sweep_round(self) -> None:
+        deleted = await self.sweep()
+        if deleted:
+            log.info("swept expired realtime entries: count=%d", deleted)
+
+
+async def _every(interval_s: float, job: Callable[[], Awaitable[None]], name: str) -> None:
+    """Run ``job`` every ``interval_s`` until cancelled; a failed round is logged, not fatal."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await job()
+        except Exception:
+            log.exception("%s round failed", name)
 
 
 @contextlib.asynccontextmanager
@@ -276,8 +274,14 @@ async def open_dualwrite(
         tasks: list[asyncio.Task[None]] = []
         if background:
             tasks.append(asyncio.create_task(app.retrier.run(settings.retry_poll_s)))
-            tasks.append(asyncio.create_task(app._sweep_forever()))
-            tasks.append(asyncio.create_task(app._reconcile_forever()))
+            tasks.append(
+                asyncio.create_task(_every(settings.sweep_interval_s, app._sweep_round, "sweep"))
+            )
+            tasks.append(
+                asyncio.create_task(
+                    _every(settings.reconcile_interval_s, app._reconcile_round, "reconcile")
+                )
+            )
         try:
             yield app
         finally:

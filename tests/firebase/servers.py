@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from dualwrite._serve_process import free_port
+
 HERE = Path(__file__).parent
 NODE_MODULES = HERE / "node_modules"
 NAMESPACE = "dualwrite-test"
@@ -35,12 +37,6 @@ class FirebaseServers:
 
 
 _servers: FirebaseServers | None = None
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _wait_for_port(port: int, process: subprocess.Popen[bytes], name: str) -> None:
@@ -85,7 +81,7 @@ def firebase_servers() -> FirebaseServers:
         url = f"firebase-rtdb://{official_rtdb}?ns={NAMESPACE}"
         servers.urls = {"firebase-rest": url, "firebase-server": url}
     else:
-        port = _free_port()
+        port = free_port()
         _start_node(
             stack,
             "firebase-server",
@@ -109,7 +105,7 @@ def firebase_servers() -> FirebaseServers:
             f"firebase-rtdb://{base.removeprefix('http://')}?ns={NAMESPACE}"
         )
     if not official_firestore:
-        port = _free_port()
+        port = free_port()
         _start_node(
             stack,
             "firestore emulator",

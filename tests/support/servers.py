@@ -4,26 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import uvicorn
 
+from dualwrite._serve_process import free_port
+from dualwrite._serve_process import serve_process as spawn
+
 TOKEN_SECRET = "e2e-secret-" + "z" * 40
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -39,34 +31,8 @@ def serve_process(
         "DUALWRITE_QUEUE_PATH": str(data_dir / f"queue-{port}.db"),
         **(env or {}),
     }
-    log = (data_dir / f"serve-{port}.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dualwrite", "serve", "--port", str(port), *args],
-        env=environment,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"serve exited: {(data_dir / f'serve-{port}.log').read_text()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("serve did not answer within 20 s")
-            time.sleep(0.1)
+    with spawn(environment, data_dir / f"serve-{port}.log", *args, port=port) as (base, _):
         yield base
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
 
 
 @contextlib.contextmanager
