@@ -14,6 +14,7 @@ from dualwrite.clock import Clock, SystemClock
 from dualwrite.errors import MessageNotFound
 from dualwrite.faults import Faults, FaultyPermanentStore, FaultyRealtimeTier
 from dualwrite.group_commit import GroupCommitStore
+from dualwrite.ids import time_prefix
 from dualwrite.model import (
     ChannelHistory,
     ChannelMessage,
@@ -154,7 +155,10 @@ class DualWrite:
         shown = {m.message_id for m in merged}
         # Below a full page's oldest entry lies the next page's business.
         floor = merged[-1].sort_key if page.next_before and merged else None
-        for entry in await self.realtime.read_since(channel, None, _REALTIME_SCAN_LIMIT):
+        # Ids begin with their send time: start the realtime scan a minute (for clock skew
+        # between tiers) below the page's floor instead of reading the channel's whole hour.
+        scan_from = time_prefix(max(0, floor[0] - 60_000)) if floor else None
+        for entry in await self.realtime.read_since(channel, scan_from, _REALTIME_SCAN_LIMIT):
             candidate = ChannelMessage.from_realtime(channel, entry)
             if candidate.message_id in shown:
                 continue

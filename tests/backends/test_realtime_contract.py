@@ -161,3 +161,18 @@ async def test_channels_lists_the_channels_with_entries(
     await realtime.write(second, make_message(clock, ids))
     listed = [c for c in await realtime.channels() if c.workspace_id == workspace]
     assert listed == [first, second]
+
+
+async def test_an_expired_claim_no_longer_binds_its_key(
+    realtime: RealtimeTier, realtime_kind: str, clock: ManualClock
+) -> None:
+    needs(realtime_kind, "transaction")
+    if realtime_kind == "redis":
+        pytest.skip("Redis expires keys by its own clock (PX), which the test clock cannot move")
+    key = SendKey(unique("ws"), "u1", "client-1")
+    first = SendClaim("-first", 1, "f1")
+    assert await realtime.claim_send(key, first, 1000) == first
+    clock.advance(1001)
+    await realtime.sweep_expired(clock.now_ms())
+    second = SendClaim("-second", 2, "f2")
+    assert await realtime.claim_send(key, second, 1000) == second

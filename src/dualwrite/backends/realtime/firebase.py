@@ -171,19 +171,25 @@ class FirebaseRealtimeTier:
     async def sweep_expired(self, now_ms: int) -> int:
         deleted = 0
         for ref in await self.channels():
-            channel = self._ref(ref.realtime_path)
-            query = channel.order_by_child("ttl").end_at(now_ms)
-            candidates = await self._run(query.get) or {}
-            # Never trust the query alone: check each child's own ttl.
-            expired = {
-                message_id: None
-                for message_id, data in candidates.items()
-                if isinstance(data, dict) and int(data.get("ttl", now_ms + 1)) <= now_ms
-            }
-            if expired:
-                await self._run(channel.update, expired)
-                deleted += len(expired)
+            deleted += await self._delete_expired(self._ref(ref.realtime_path), now_ms)
+        # Idempotency keys expire like messages: sends/{ws}/{user}/{clientMessageId}.
+        for workspace in await self._run(self._ref("sends").get, False, True) or {}:
+            for user in await self._run(self._ref(f"sends/{workspace}").get, False, True) or {}:
+                await self._delete_expired(self._ref(f"sends/{workspace}/{user}"), now_ms)
         return deleted
+
+    async def _delete_expired(self, parent: db.Reference, now_ms: int) -> int:
+        """Delete the children of ``parent`` whose `ttl` has passed, in one multi-path update."""
+        candidates = await self._run(parent.order_by_child("ttl").end_at(now_ms).get) or {}
+        # Never trust the query alone: check each child's own ttl.
+        expired = {
+            key: None
+            for key, data in candidates.items()
+            if isinstance(data, dict) and int(data.get("ttl", now_ms + 1)) <= now_ms
+        }
+        if expired:
+            await self._run(parent.update, expired)
+        return len(expired)
 
     async def claim_send(self, key: SendKey, claim: SendClaim, ttl_ms: int) -> SendClaim:
         ref = self._ref(f"sends/{key.workspace_id}/{key.user_id}/{key.client_message_id}")
