@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from dualwrite import metrics
+from dualwrite._calls import bounded
 from dualwrite.backends import BackendContext, create_permanent_store, create_realtime_tier
 from dualwrite.clock import Clock, SystemClock
-from dualwrite.errors import MessageNotFound
+from dualwrite.errors import BackendError, InvalidInput, MessageNotFound
 from dualwrite.faults import Faults, FaultyPermanentStore, FaultyRealtimeTier
 from dualwrite.group_commit import GroupCommitStore
 from dualwrite.ids import time_prefix
@@ -147,9 +148,26 @@ class DualWrite:
         self, workspace_id: str, channel_id: str, before: str | None = None, limit: int = 50
     ) -> ChannelHistory:
         """A page of the channel, newest first: the permanent store merged with realtime
-        entries not saved yet, each message once."""
+        entries not saved yet, each message once.
+
+        Raises `BackendError` if a tier does not answer (within its timeout).
+        """
         channel = check_channel(workspace_id, channel_id)
         bound = parse_history_cursor(before) if before is not None else None
+        try:
+            return await bounded(
+                self._merged_history(channel, before, bound, limit),
+                self.settings.permanent_timeout_s + self.settings.realtime_timeout_s,
+                "history",
+            )
+        except (InvalidInput, BackendError):
+            raise
+        except Exception as error:
+            raise BackendError(f"history is unavailable: {error!r}") from error
+
+    async def _merged_history(
+        self, channel: ChannelRef, before: str | None, bound: tuple[int, str] | None, limit: int
+    ) -> ChannelHistory:
         page = await self.store.history(channel, before, limit)
         merged = [ChannelMessage.from_stored(m) for m in page.messages]
         shown = {m.message_id for m in merged}

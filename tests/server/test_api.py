@@ -254,3 +254,13 @@ def test_a_user_sending_too_fast_gets_429_with_retry_after(api: Api) -> None:
     other = api.client.post(MESSAGES, headers=api.auth(user="u2"), json={"text": "hi"})
     assert other.status_code == 201
     assert "more" not in [m["text"] for m in history(api, limit=50)]
+
+
+def test_history_with_the_store_down_is_503_not_a_crash(api: Api) -> None:
+    api.client.post(MESSAGES, headers=api.auth(), json={"text": "hello"})
+    api.store_faults.fail()
+    response = api.client.get(MESSAGES, headers=api.auth())
+    assert response.status_code == 503
+    assert "unavailable" in response.json()["error"]
+    # Sending still works: delivered, queued.
+    assert api.client.post(MESSAGES, headers=api.auth(), json={"text": "x"}).status_code == 202

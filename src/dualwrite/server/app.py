@@ -24,6 +24,7 @@ from dualwrite import metrics
 from dualwrite.errors import (
     NOT_SAVED_WARNING,
     SEND_FAILED_TEXT,
+    BackendError,
     InvalidInput,
     MessageNotFound,
     SendFailed,
@@ -110,6 +111,9 @@ def create_app(
                 return JSONResponse({"error": "unauthorized", "detail": str(error)}, 401)
             except ApiError as error:
                 return JSONResponse(error.body, error.status)
+            except BackendError as error:
+                log.warning("backend unavailable: path=%s error=%s", request.url.path, error)
+                return JSONResponse({"error": "temporarily unavailable, try again"}, 503)
             except TextTooLong as error:
                 return JSONResponse({"error": str(error), "field": error.field}, 413)
             except InvalidInput as error:

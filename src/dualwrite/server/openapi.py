@@ -116,6 +116,7 @@ OPENAPI: dict[str, Any] = {
                             }
                         },
                     },
+                    "503": _error("a tier did not answer; try again"),
                     **_COMMON,
                 },
             },
