@@ -285,12 +285,14 @@ async def open_dualwrite(
         store = FaultyPermanentStore(store, Faults(probability=settings.fault_permanent))
     queue = RetryQueue(settings.queue_path)
     async with contextlib.AsyncExitStack() as stack:
-        await realtime.connect()
+        # Each close is registered before its connect: a connect that fails halfway (a pool
+        # opened, a schema missing) still releases what it opened.
         stack.push_async_callback(realtime.close)
-        await store.connect()
+        await realtime.connect()
         stack.push_async_callback(store.close)
-        await queue.open()
+        await store.connect()
         stack.push_async_callback(queue.close)
+        await queue.open()
         app = DualWrite(settings, realtime, store, queue, clock)
         metrics.QUEUE_DEPTH.set(await queue.count())
         tasks: list[asyncio.Task[None]] = []

@@ -104,6 +104,9 @@ class PostgresPermanentStore:
             await self._ensure_schema()
         except DatabaseUnreachable as unreachable:
             log.warning("%s; sends will queue until it answers", unreachable)
+        except BaseException:
+            await self.close()
+            raise
 
     async def _ensure_schema(self) -> None:
         if self._schema_ready:
