@@ -103,6 +103,11 @@ class Database:
                 node[parts[-1]] = value
             self.root = _normalise(self.root)
 
+    def drop_streams(self) -> None:
+        """End every open event stream, as a network failure or server restart would."""
+        for _, queue in self.listeners:
+            queue.put_nowait(("drop", "/", None))
+
     def notify_put(self, parts: list[str]) -> None:
         for where, queue in self.listeners:
             if parts[: len(where)] == where:
@@ -220,6 +225,8 @@ def create_app() -> Starlette:
                 except TimeoutError:
                     yield "event: keep-alive\ndata: null\n\n"
                     continue
+                if kind == "drop":
+                    return
                 yield _event(kind, {"path": path, "data": data})
         finally:
             db.listeners.remove((parts, queue))

@@ -17,6 +17,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +31,8 @@ NAMESPACE = "dualwrite-test"
 @dataclass
 class FirebaseServers:
     urls: dict[str, str] = field(default_factory=dict)
+    rest_db: Any = None
+    """The firebase-rest stand-in's Database (to drop its streams), when it runs here."""
     stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     def realtime_url(self, kind: str) -> str:
@@ -100,7 +103,9 @@ def firebase_servers() -> FirebaseServers:
         from tests.firebase.rtdb_server import create_app
         from tests.support.servers import serving
 
-        base = stack.enter_context(serving(create_app()))
+        app = create_app()
+        servers.rest_db = app.state.db
+        base = stack.enter_context(serving(app))
         servers.urls["firebase-rest"] = (
             f"firebase-rtdb://{base.removeprefix('http://')}?ns={NAMESPACE}"
         )
