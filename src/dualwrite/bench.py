@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import resource
 import sys
 import time
@@ -157,8 +158,6 @@ def process_usage(pid: int) -> tuple[float, float]:
     """CPU seconds and peak RSS (MB) of another process, from /proc (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = int(fields[11]) + int(fields[12])
-    import os
-
     cpu = ticks / os.sysconf("SC_CLK_TCK")
     peak = 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -14,7 +14,6 @@ from dualwrite.model import ChannelRef, User
 MAX_ID_BYTES = 768
 MAX_USER_NAME_CHARS = 256
 DEFAULT_MAX_TEXT_CHARS = 40_000
-MAX_CLIENT_MESSAGE_ID_CHARS = 128
 
 _FORBIDDEN_IN_ID = re.compile(r"[.$#\[\]/\x00-\x1f\x7f]")
 _FIRESTORE_RESERVED_ID = re.compile(r"^__.*__$")
@@ -70,17 +69,6 @@ def check_user(user: object) -> User:
 
 def check_channel(workspace_id: object, channel_id: object) -> ChannelRef:
     return ChannelRef(check_id("workspaceId", workspace_id), check_id("channelId", channel_id))
-
-
-def check_client_message_id(value: object) -> str:
-    if not isinstance(value, str) or value == "":
-        raise InvalidInput("clientMessageId", "must be a non-empty string")
-    if len(value) > MAX_CLIENT_MESSAGE_ID_CHARS or not value.isprintable():
-        raise InvalidInput(
-            "clientMessageId",
-            f"must be at most {MAX_CLIENT_MESSAGE_ID_CHARS} printable characters",
-        )
-    return value
 
 
 def _check_encodable(field: str, value: str) -> None:

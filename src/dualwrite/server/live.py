@@ -45,13 +45,12 @@ class Listener:
     frames: asyncio.Queue[tuple[str, str] | None] = field(
         default_factory=lambda: asyncio.Queue(SOCKET_BUFFER)
     )
-    overflowed: bool = False
 
     def offer(self, message_id: str, frame: str) -> None:
         try:
             self.frames.put_nowait((message_id, frame))
         except asyncio.QueueFull:
-            self.overflowed = True
+            # Make room for the end marker: the reader stops at it (Overflowed).
             with contextlib.suppress(asyncio.QueueFull):
                 self.frames.get_nowait()
                 self.frames.put_nowait(None)
