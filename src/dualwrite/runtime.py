@@ -153,10 +153,9 @@ class DualWrite:
         Raises `BackendError` if a tier does not answer (within its timeout).
         """
         channel = check_channel(workspace_id, channel_id)
-        bound = parse_history_cursor(before) if before is not None else None
         try:
             return await bounded(
-                self._merged_history(channel, before, bound, limit),
+                self._merged_history(channel, before, limit),
                 self.settings.permanent_timeout_s + self.settings.realtime_timeout_s,
                 "history",
             )
@@ -166,8 +165,9 @@ class DualWrite:
             raise BackendError(f"history is unavailable: {error!r}") from error
 
     async def _merged_history(
-        self, channel: ChannelRef, before: str | None, bound: tuple[int, str] | None, limit: int
+        self, channel: ChannelRef, before: str | None, limit: int
     ) -> ChannelHistory:
+        bound = parse_history_cursor(before) if before is not None else None
         page = await self.store.history(channel, before, limit)
         merged = [ChannelMessage.from_stored(m) for m in page.messages]
         shown = {m.message_id for m in merged}
