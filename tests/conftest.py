@@ -18,7 +18,8 @@ from dualwrite.backends import BackendContext, create_permanent_store, create_re
 from dualwrite.clock import ManualClock, SystemClock
 from dualwrite.faults import Faults, FaultyPermanentStore, FaultyRealtimeTier
 from dualwrite.ports import PermanentStore, RealtimeTier
-from dualwrite.runtime import DualWrite, open_dualwrite
+from dualwrite.runtime import open_dualwrite
+from dualwrite.service import DualWrite
 from dualwrite.settings import Settings
 from tests.firebase.servers import firebase_servers
 

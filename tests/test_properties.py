@@ -17,7 +17,8 @@ from dualwrite.clock import SystemClock
 from dualwrite.model import ChannelRef
 from dualwrite.ports import PermanentStore
 from dualwrite.retry_queue import RetryQueue
-from dualwrite.send import DualWriter
+from dualwrite.send import MessageSender, SendLimits
+from dualwrite.settings import Settings
 
 # Mostly nasty: control characters, the forbidden . $ # [ ] /, NUL, surrogates, emoji, RTL.
 nasty = st.text(
@@ -40,7 +41,7 @@ async def attempt(
     await queue.open()
     await store.connect()
     try:
-        sender = DualWriter(realtime, store, queue, clock)
+        sender = MessageSender(realtime, store, queue, clock, SendLimits.from_settings(Settings()))
         try:
             result = await sender.send_message(ws, ch, text, user)
         except InvalidInput:

@@ -1,4 +1,4 @@
-"""The gap the seed leaves: delivered, then the process died before saving or queueing."""
+"""The gap the story leaves: delivered, then the process died before saving or queueing."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ async def delivered_only(harness: Harness, channel: ChannelRef, text: str) -> Re
     message = RealtimeMessage(
         f"-{unique('id')}{text}"[:20], "u1", "Ada", text, now, now + REALTIME_TTL_MS
     )
-    await harness.dw.realtime.write(channel, message)
+    await harness.realtime.write(channel, message)
     return message
 
 
@@ -33,10 +33,10 @@ async def test_reconcile_saves_old_unsaved_messages_once_with_their_send_time(
 
     report = await harness.dw.reconcile()
     assert report.persisted == 1
-    stored = await harness.dw.store.get(channel, orphan.message_id)
+    stored = await harness.store.get(channel, orphan.message_id)
     assert stored is not None and stored.timestamp == orphan.timestamp
-    assert await harness.dw.store.get(channel, young.message_id) is None
-    assert await harness.dw.store.get(channel, queued.message_id) is None, "the retrier owns it"
+    assert await harness.store.get(channel, young.message_id) is None
+    assert await harness.store.get(channel, queued.message_id) is None, "the retrier owns it"
     assert (await harness.dw.reconcile()).persisted == 0, "idempotent"
 
 

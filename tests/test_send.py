@@ -1,4 +1,4 @@
-"""The seed's testing list, as a user of the library sees it, on every backend pair."""
+"""The story's testing list (docs/story.md), as a library user sees it, on every backend pair."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import asyncio
 import pytest
 
 from dualwrite import NOT_SAVED_WARNING, SEND_FAILED_TEXT, InvalidInput, SendFailed, User
-from dualwrite.errors import BackendTimeout, NotQueued
+from dualwrite.errors import BackendTimeout, ClientMessageIdReused, NotQueued
 from dualwrite.faults import InjectedFault
 from dualwrite.model import ChannelRef
-from dualwrite.send import ClientMessageIdReused
 from tests.conftest import Harness, unique
 from tests.support.wait import until
 
@@ -32,7 +31,7 @@ async def test_message_lands_in_both_tiers_under_the_same_id(
     result = await harness.dw.send_message(channel.workspace_id, channel.channel_id, "hi", ADA)
     assert result.status == "saved" and result.warning is None
     assert str(result) == result.message_id and len(result.message_id) == 20
-    live = await harness.dw.realtime.read(channel, result.message_id)
+    live = await harness.realtime.read(channel, result.message_id)
     assert live is not None
     assert live.to_wire() == {
         "userId": "u1",
@@ -41,7 +40,7 @@ async def test_message_lands_in_both_tiers_under_the_same_id(
         "timestamp": harness.clock.now_ms(),
         "ttl": harness.clock.now_ms() + 3_600_000,
     }
-    stored = await harness.dw.store.get(channel, result.message_id)
+    stored = await harness.store.get(channel, result.message_id)
     assert stored is not None
     assert stored.message_id == result.message_id and stored.text == "hi"
     assert await harness.dw.pending() == []
@@ -74,7 +73,7 @@ async def test_permanent_failure_delivers_warns_queues_then_retries_in_backgroun
     assert result.warning == NOT_SAVED_WARNING  # type: ignore[attr-defined]
     assert NOT_SAVED_WARNING == "Message sent but not saved. It will disappear in 1 hour."
     message_id = result.message_id  # type: ignore[attr-defined]
-    assert await harness.dw.realtime.read(channel, message_id) is not None
+    assert await harness.realtime.read(channel, message_id) is not None
     [queued] = await harness.dw.pending()
     assert queued.message_id == message_id and queued.write.sent_at == sent_at
 
@@ -87,7 +86,7 @@ async def test_permanent_failure_delivers_warns_queues_then_retries_in_backgroun
     harness.clock.advance(10 * 60 * 1000)
     assert (await harness.dw.retrier.retry_due()).saved == [message_id]
     assert await harness.dw.pending() == []
-    stored = await harness.dw.store.get(channel, message_id)
+    stored = await harness.store.get(channel, message_id)
     assert stored is not None
     assert stored.timestamp == sent_at, "a retried write keeps the original send time"
 
@@ -108,7 +107,7 @@ async def test_background_retrier_task_drains_the_queue(
     finally:
         task.cancel()
     assert await harness.dw.pending() == []
-    assert await harness.dw.store.get(channel, result.message_id) is not None  # type: ignore[attr-defined]
+    assert await harness.store.get(channel, result.message_id) is not None  # type: ignore[attr-defined]
 
 
 async def test_manual_retry_of_one_message_and_of_all(
@@ -117,9 +116,9 @@ async def test_manual_retry_of_one_message_and_of_all(
     harness.store_faults.fail()
     first = await send(harness, channel, "one")
     second = await send(harness, channel, "two")
-    assert await harness.dw.retry(first.message_id) is False  # type: ignore[attr-defined]
+    assert await harness.dw.retry(first.message_id) == "pending"  # type: ignore[attr-defined]
     harness.store_faults.heal()
-    assert await harness.dw.retry(first.message_id) is True  # type: ignore[attr-defined]
+    assert await harness.dw.retry(first.message_id) == "saved"  # type: ignore[attr-defined]
     with pytest.raises(NotQueued):
         await harness.dw.retry(first.message_id)  # type: ignore[attr-defined]
     report = await harness.dw.retry_all()
@@ -138,7 +137,7 @@ async def test_history_merges_unsaved_realtime_entries_once(
     harness.clock.advance(5)
     await send(harness, channel, "unsaved")
     harness.store_faults.heal()
-    assert await harness.dw.retry(saved.message_id)  # type: ignore[attr-defined]
+    assert await harness.dw.retry(saved.message_id) == "saved"  # type: ignore[attr-defined]
     history = await harness.dw.history(channel.workspace_id, channel.channel_id)
     assert [(m.text, m.saved) for m in history.messages] == [("unsaved", False), ("saved", True)]
 
@@ -154,7 +153,7 @@ async def test_history_pages_through_both_tiers_without_repeats(
         texts.append(f"m{i}")
         if i % 2 == 0:
             harness.store_faults.heal()
-            assert await harness.dw.retry(result.message_id)  # type: ignore[attr-defined]
+            assert await harness.dw.retry(result.message_id) == "saved"  # type: ignore[attr-defined]
             harness.store_faults.fail()
     harness.store_faults.heal()
     seen: list[str] = []
@@ -174,10 +173,10 @@ async def test_ttl_expiry_removes_the_realtime_copy_only(
     result = await send(harness, channel)
     message_id = result.message_id  # type: ignore[attr-defined]
     harness.clock.advance(3_600_000)
-    assert await harness.dw.realtime.read(channel, message_id) is None
+    assert await harness.realtime.read(channel, message_id) is None
     await harness.dw.sweep()
-    assert await harness.dw.realtime.read_since(channel, None, 10) == []
-    assert await harness.dw.store.get(channel, message_id) is not None
+    assert await harness.realtime.read_since(channel, None, 10) == []
+    assert await harness.store.get(channel, message_id) is not None
 
 
 async def test_same_client_message_id_never_makes_a_second_message(

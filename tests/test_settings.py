@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from dualwrite.settings import BadSetting, Settings, redact_url
+from dualwrite.errors import BadSetting
+from dualwrite.settings import Settings, redact_url
 
 
 def test_environment_variables_configure_every_field() -> None:

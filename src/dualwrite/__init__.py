@@ -12,29 +12,40 @@ from dualwrite.errors import (
     SEND_FAILED_TEXT,
     BackendError,
     BackendTimeout,
+    BadSetting,
+    ClientMessageIdReused,
     DualWriteError,
     InvalidInput,
+    MessageNotFound,
     NotQueued,
     SendFailed,
     TextTooLong,
     UnknownBackend,
 )
-from dualwrite.model import ChannelMessage, SendResult, StoredMessage, User
-from dualwrite.runtime import DualWrite, open_dualwrite
-from dualwrite.settings import Settings
+from dualwrite.model import ChannelHistory, ChannelMessage, SendResult, StoredMessage, User
+from dualwrite.recovery import Inspection
+from dualwrite.runtime import open_dualwrite
+from dualwrite.service import DualWrite
+from dualwrite.settings import ServerSettings, Settings
 
 __all__ = [
     "NOT_SAVED_WARNING",
     "SEND_FAILED_TEXT",
     "BackendError",
     "BackendTimeout",
+    "BadSetting",
+    "ChannelHistory",
     "ChannelMessage",
+    "ClientMessageIdReused",
     "DualWrite",
     "DualWriteError",
+    "Inspection",
     "InvalidInput",
+    "MessageNotFound",
     "NotQueued",
     "SendFailed",
     "SendResult",
+    "ServerSettings",
     "Settings",
     "StoredMessage",
     "TextTooLong",

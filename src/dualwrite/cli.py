@@ -4,28 +4,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import importlib
 import json
 import logging
 import os
-import secrets
 import sys
 import tempfile
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
 from dualwrite.backends import BackendContext, create_permanent_store
-from dualwrite.bench import Progress
-from dualwrite.errors import DualWriteError, InvalidInput, SendFailed
+from dualwrite.errors import BadSetting, DualWriteError, InvalidInput, SendFailed
 from dualwrite.model import User
-from dualwrite.runtime import DualWrite, open_dualwrite
-from dualwrite.settings import BadSetting, Settings, parse_fault_spec, redact_url
+from dualwrite.runtime import open_dualwrite
+from dualwrite.service import DualWrite
+from dualwrite.settings import ServerSettings, Settings, parse_fault_spec, redact_url
 
-log = logging.getLogger("dualwrite.cli")
+log = logging.getLogger(__name__)
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+
+_CHAOS_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 def _backend_flags(parser: argparse.ArgumentParser) -> None:
@@ -90,14 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--firebase-project",
-        default=os.environ.get("DUALWRITE_FIREBASE_PROJECT"),
         help="also accept Firebase ID tokens of this project (env DUALWRITE_FIREBASE_PROJECT)",
     )
     serve.add_argument(
         "--send-rate",
         type=float,
-        default=float(os.environ.get("DUALWRITE_SEND_RATE_PER_S", "10")),
-        help="per-user sends a second, bursts of twice that; 0: off (DUALWRITE_SEND_RATE_PER_S)",
+        help=f"per-user sends a second, bursts of twice that; 0: off "
+        f"(env DUALWRITE_SEND_RATE_PER_S, default {ServerSettings.send_rate_per_s:g})",
     )
     serve.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     _backend_flags(serve)
@@ -111,7 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile = commands.add_parser(
         "reconcile", help="save delivered messages that were neither saved nor queued"
     )
-    reconcile.add_argument("--grace", type=float, help="seconds a message is left alone (30)")
+    reconcile.add_argument(
+        "--grace",
+        type=float,
+        help=f"seconds a message is left alone (default {Settings.reconcile_grace_s:g})",
+    )
     _backend_flags(reconcile)
 
     inspect = commands.add_parser(
@@ -126,23 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     chaos = commands.add_parser(
         "chaos",
-        help="send through two servers while faults are injected; check nothing is lost",
+        help="send through two servers while faults are injected; check nothing is lost "
+        "(needs the tools extra)",
     )
     chaos.add_argument("--messages", type=int, default=1000)
     chaos.add_argument("--concurrency", type=int, default=8)
     chaos.add_argument("--spacing", type=float, default=1.5, help="seconds between faults")
     chaos.add_argument(
         "--postgres",
-        default=os.environ.get(
-            "DUALWRITE_CHAOS_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
-        ),
-        help="PostgreSQL to run against (a fresh schema is made and dropped)",
+        help="PostgreSQL to run against, a fresh schema made and dropped (env "
+        f"DUALWRITE_CHAOS_POSTGRES_URL, default {_CHAOS_POSTGRES})",
     )
 
     migrate = commands.add_parser("migrate", help="create or upgrade the permanent store's schema")
     _backend_flags(migrate)
 
-    bench = commands.add_parser("bench", help="measure sends/s and latency")
+    bench = commands.add_parser("bench", help="measure sends/s and latency (needs the tools extra)")
     bench.add_argument("--messages", type=int, default=10_000)
     bench.add_argument("--concurrency", type=int, default=64)
     bench.add_argument("--channels", type=int, default=8)
@@ -229,9 +232,9 @@ async def _queue(args: argparse.Namespace) -> int:
             report = await dw.retry_all()
             print(f"saved {len(report.saved)}, still failing {len(report.failed)}")
             return 0 if not report.failed else EXIT_FAILED
-        saved = await dw.retry(args.message_id)
-        print(f"{args.message_id} {'saved' if saved else 'still failing'}")
-        return 0 if saved else EXIT_FAILED
+        status = await dw.retry(args.message_id)
+        print(f"{args.message_id} {'saved' if status == 'saved' else 'still failing'}")
+        return 0 if status == "saved" else EXIT_FAILED
 
 
 async def _queue_list(dw: DualWrite) -> int:
@@ -246,18 +249,10 @@ async def _queue_list(dw: DualWrite) -> int:
     return 0
 
 
-def _token_secret() -> str | None:
-    secret = os.environ.get("DUALWRITE_TOKEN_SECRET")
-    if secret is not None and len(secret) < 32:
-        raise BadSetting("DUALWRITE_TOKEN_SECRET must be at least 32 characters")
-    return secret
-
-
 async def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    uvicorn = _needs_extra("uvicorn", "server", "serve")
     from dualwrite.logs import configure
-    from dualwrite.server import ServerConfig, create_app
+    from dualwrite.server import create_app
 
     configure(verbose=True, json_lines=args.log_json)
     faults = parse_fault_spec(args.fault) if args.fault else {}
@@ -268,30 +263,18 @@ async def _serve(args: argparse.Namespace) -> int:
         fault_realtime=faults.get("fault_realtime"),
         fault_permanent=faults.get("fault_permanent"),
     )
-    secret = _token_secret()
-    dev_sign_in = args.dev_sign_in if args.dev_sign_in is not None else secret is None
-    if secret is None:
-        secret = secrets.token_urlsafe(48)
-        log.warning(
-            "DUALWRITE_TOKEN_SECRET is not set: using a random secret; tokens end with "
-            "this process and are not shared with other servers"
-        )
-    app = create_app(
-        settings,
-        ServerConfig(
-            token_secret=secret,
-            dev_sign_in=dev_sign_in,
-            firebase_project=args.firebase_project,
-            send_rate_per_s=args.send_rate,
-            send_burst=max(1, int(args.send_rate * 2)),
-        ),
+    server_settings = ServerSettings.from_env(
+        dev_sign_in=args.dev_sign_in,
+        firebase_project=args.firebase_project,
+        send_rate_per_s=args.send_rate,
     )
+    app = create_app(settings, server_settings)
     server = uvicorn.Server(
         uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False)
     )
     print(
         f"dualwrite: chat page at http://{args.host}:{args.port}/ "
-        f"(realtime {settings.realtime_url}, store {settings.store_url})",
+        f"(realtime {redact_url(settings.realtime_url)}, store {redact_url(settings.store_url)})",
         flush=True,
     )
     await server.serve()
@@ -301,7 +284,7 @@ async def _serve(args: argparse.Namespace) -> int:
 async def _token(args: argparse.Namespace) -> int:
     from dualwrite.server.auth import Identity, TokenSigner
 
-    secret = _token_secret()
+    secret = ServerSettings.from_env().token_secret
     if secret is None:
         raise BadSetting("set DUALWRITE_TOKEN_SECRET (the one the server uses) to mint tokens")
     identity = Identity(User(args.user, args.name), args.workspace)
@@ -354,16 +337,16 @@ async def _inspect(args: argparse.Namespace) -> int:
 
 
 async def _chaos(args: argparse.Namespace) -> int:
-    from dualwrite.chaos import describe, run_chaos
-
-    report = await run_chaos(
-        args.postgres,
+    chaos = _needs_extra("dualwrite.tools.chaos", "tools", "chaos")
+    postgres = args.postgres or os.environ.get("DUALWRITE_CHAOS_POSTGRES_URL", _CHAOS_POSTGRES)
+    report = await chaos.run_chaos(
+        postgres,
         messages=args.messages,
         concurrency=args.concurrency,
         spacing_s=args.spacing,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
-    print(describe(report))
+    print(chaos.describe(report))
     return 0 if report.ok else EXIT_FAILED
 
 
@@ -377,7 +360,9 @@ async def _migrate(args: argparse.Namespace) -> int:
 
 
 async def _bench(args: argparse.Namespace) -> int:
-    from dualwrite.bench import run_http, run_library, run_raw, write_json
+    bench = _needs_extra("dualwrite.tools.bench", "tools", "bench")
+    Progress, run_http, run_library = bench.Progress, bench.run_http, bench.run_library
+    run_raw, write_json = bench.run_raw, bench.write_json
 
     with tempfile.TemporaryDirectory(prefix="dualwrite-bench-") as scratch:
         # Unless told otherwise, measure the embedded default on scratch files.
@@ -398,7 +383,7 @@ async def _bench(args: argparse.Namespace) -> int:
                 )
             report.realtime_url, report.store_url = labels
         else:
-            with _bench_server(settings, scratch) as (base, token, pid):
+            with bench.bench_server(settings, scratch) as (base, token, pid):
                 report = await run_http(
                     base,
                     token,
@@ -428,24 +413,16 @@ async def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _bench_server(settings: Settings, scratch: str) -> Iterator[tuple[str, str, int]]:
-    """A `dualwrite serve` process on these backends, for the http target."""
-    from dualwrite._serve_process import serve_process
-    from dualwrite.server.auth import Identity, TokenSigner
-
-    secret = secrets.token_urlsafe(48)
-    env = {
-        **os.environ,
-        "DUALWRITE_TOKEN_SECRET": secret,
-        "DUALWRITE_REALTIME_URL": settings.realtime_url,
-        "DUALWRITE_STORE_URL": settings.store_url,
-        "DUALWRITE_QUEUE_PATH": str(Path(scratch, "server-queue.db")),
-        "DUALWRITE_SEND_RATE_PER_S": "0",  # one bench user sends everything
-    }
-    with serve_process(env, Path(scratch, "server.log")) as (base, pid):
-        token = TokenSigner(secret).mint(Identity(User("bench-user", "Bench"), "bench"))
-        yield base, token, pid
+def _needs_extra(module: str, extra: str, command: str) -> Any:
+    """Import what a command needs, or say which extra brings it."""
+    try:
+        importlib.import_module("aiohttp" if extra == "tools" else module)
+        return importlib.import_module(module)
+    except ImportError as missing:
+        raise BadSetting(
+            f"`dualwrite {command}` needs the {extra} extra: pip install 'dualwrite[{extra}]' "
+            f"({missing.name} is missing)"
+        ) from None
 
 
 _HANDLERS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {

@@ -34,6 +34,14 @@ class TextTooLong(InvalidInput):
     """The message text is longer than the configured limit."""
 
 
+class ClientMessageIdReused(InvalidInput):
+    """A `clientMessageId` was sent again with another channel or text."""
+
+
+class BadSetting(DualWriteError, ValueError):
+    """A configuration value could not be used; the message names the variable or flag."""
+
+
 class BackendError(DualWriteError):
     """A backend call failed; the original error is chained as ``__cause__``."""
 

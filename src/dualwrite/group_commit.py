@@ -18,9 +18,9 @@ class GroupCommitStore:
         self,
         inner: PermanentStore,
         *,
-        max_batch: int = 256,
-        max_in_flight: int = 4,
-        max_wait_s: float = 0.0,
+        max_batch: int,
+        max_in_flight: int,
+        max_wait_s: float,
     ) -> None:
         self.inner = inner
         self._coalescer: Coalescer[PermanentWrite] = Coalescer(

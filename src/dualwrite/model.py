@@ -8,12 +8,12 @@ from typing import Any, Literal
 from dualwrite.errors import NOT_SAVED_WARNING
 
 REALTIME_TTL_MS = 3_600_000
-"""Realtime entries expire one hour after they were sent (the specification's `ttl`)."""
+"""Realtime entries expire one hour after they were sent (docs/story.md's `ttl`)."""
 
 
 @dataclass(frozen=True, slots=True)
 class User:
-    """The sender, as the specification's `useAuth()` user: an id and a display name."""
+    """The sender, as the story's signed-in user: an id and a display name."""
 
     id: str
     name: str
@@ -45,7 +45,7 @@ class RealtimeMessage:
     ttl: int
 
     def to_wire(self) -> dict[str, Any]:
-        """The record exactly as the specification lays it out (without the id, its key)."""
+        """The record exactly as docs/story.md lays it out (without the id, its key)."""
         return {
             "userId": self.user_id,
             "userName": self.user_name,
@@ -74,7 +74,7 @@ class PermanentWrite:
     """Everything needed to write (or rewrite) one permanent record.
 
     ``sent_at`` is the millisecond time of the realtime write. A first attempt stores the
-    store's own time as `timestamp` (as the specification's `serverTimestamp()`); a retry
+    store's own time as `timestamp` (as Firestore's `serverTimestamp()`); a retry
     (``keep_sent_time``) stores ``sent_at`` instead, so a late write keeps its place in history.
     """
 
@@ -90,8 +90,8 @@ class PermanentWrite:
         return replace(self, keep_sent_time=True)
 
     @classmethod
-    def from_realtime(cls, channel: ChannelRef, message: RealtimeMessage) -> PermanentWrite:
-        """The write that saves a realtime entry late, keeping its send time."""
+    def of(cls, channel: ChannelRef, message: RealtimeMessage) -> PermanentWrite:
+        """The first attempt to save a message just delivered: the store stamps its time."""
         return cls(
             channel,
             message.message_id,
@@ -99,8 +99,12 @@ class PermanentWrite:
             message.user_name,
             message.text,
             message.timestamp,
-            keep_sent_time=True,
         )
+
+    @classmethod
+    def from_realtime(cls, channel: ChannelRef, message: RealtimeMessage) -> PermanentWrite:
+        """The write that saves a realtime entry late, keeping its send time."""
+        return cls.of(channel, message).as_retry()
 
     def as_row(self) -> tuple[str, str, str, str, str, str, int | None]:
         """The values a SQL store inserts, in its column order; the last is `timestamp`,

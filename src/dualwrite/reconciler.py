@@ -1,4 +1,4 @@
-"""The reconciler: closes the gap the seed leaves open.
+"""The reconciler: closes the gap the story leaves open.
 
 If a process dies after the realtime write and before the permanent write or its queue entry,
 the message was delivered but would vanish with its TTL. The reconciler scans the realtime tier
@@ -18,9 +18,8 @@ from dualwrite.model import PermanentWrite
 from dualwrite.ports import PermanentStore, RealtimeTier
 from dualwrite.retry_queue import RetryQueue
 
-log = logging.getLogger("dualwrite.reconciler")
+log = logging.getLogger(__name__)
 
-DEFAULT_GRACE_MS = 30_000
 _SCAN_LIMIT = 100_000
 
 
@@ -41,7 +40,7 @@ class Reconciler:
         clock: Clock,
         *,
         timeout_s: float,
-        grace_ms: int = DEFAULT_GRACE_MS,
+        grace_ms: int,
     ) -> None:
         self._realtime = realtime
         self._store = store

@@ -8,7 +8,7 @@ import sentry_sdk
 
 from dualwrite.model import PermanentWrite
 
-log = logging.getLogger("dualwrite.send")
+log = logging.getLogger(__name__)
 
 
 def report_permanent_failure(write: PermanentWrite, error: BaseException) -> None:

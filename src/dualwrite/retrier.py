@@ -18,15 +18,15 @@ from dualwrite.errors import NotQueued
 from dualwrite.ports import PermanentStore
 from dualwrite.retry_queue import QueuedWrite, RetryQueue
 
-log = logging.getLogger("dualwrite.retrier")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Backoff:
     """Delay before attempt n+1: uniform in [c/2, c] with c = min(cap, base * 2**n)."""
 
-    base_s: float = 1.0
-    cap_s: float = 300.0
+    base_s: float
+    cap_s: float
 
     def delay_ms(self, attempts: int, rng: random.Random) -> int:
         ceiling = min(self.cap_s, self.base_s * 2 ** min(attempts, 32))
@@ -47,7 +47,7 @@ class Retrier:
         clock: Clock,
         *,
         timeout_s: float,
-        backoff: Backoff | None = None,
+        backoff: Backoff,
         batch_size: int = 100,
         rng: random.Random | None = None,
     ) -> None:
@@ -55,7 +55,7 @@ class Retrier:
         self._store = store
         self._clock = clock
         self._timeout_s = timeout_s
-        self._backoff = backoff or Backoff()
+        self._backoff = backoff
         self._batch_size = batch_size
         self._rng = rng or random.Random()
 

@@ -1,5 +1,7 @@
-"""The dual-write rule (story 4.4): realtime tier first, permanent store second.
+"""The dual-write rule (docs/story.md): realtime tier first, permanent store second.
 
+0. Admit: check the input and, with a `clientMessageId`, claim it (a repeat gets the first
+   attempt's id and time). Refused input raises `InvalidInput`: nothing is written.
 1. Write `messages/{ws}/{ch}/{id}` to the realtime tier. If that fails or times out, raise
    `SendFailed` ("Message failed to send. Retry?"): nothing else is written, nothing queued.
 2. Write `workspaces/{ws}/channels/{ch}/messages/{id}` to the permanent store under the same
@@ -13,17 +15,20 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import sentry_sdk
 
 from dualwrite import metrics
 from dualwrite._calls import bounded
 from dualwrite.clock import Clock
-from dualwrite.errors import InvalidInput, SendFailed
+from dualwrite.errors import ClientMessageIdReused, InvalidInput, SendFailed
 from dualwrite.ids import PushIdGenerator
 from dualwrite.model import (
     REALTIME_TTL_MS,
+    ChannelRef,
     PermanentWrite,
     RealtimeMessage,
     SendResult,
@@ -33,29 +38,30 @@ from dualwrite.model import (
 from dualwrite.ports import PermanentStore, RealtimeTier, SendClaim, SendKey
 from dualwrite.reporting import report_permanent_failure
 from dualwrite.retry_queue import RetryQueue
-from dualwrite.validation import (
-    DEFAULT_MAX_TEXT_CHARS,
-    check_channel,
-    check_id,
-    check_text,
-    check_user,
-)
+from dualwrite.settings import Settings
+from dualwrite.validation import check_channel, check_id, check_text, check_user
 
-log = logging.getLogger("dualwrite.send")
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
 class SendLimits:
-    realtime_timeout_s: float = 2.0
-    permanent_timeout_s: float = 5.0
-    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
+    """The bounds a send runs under; `Settings` holds their defaults."""
+
+    realtime_timeout_s: float
+    permanent_timeout_s: float
+    max_text_chars: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SendLimits:
+        return cls(
+            settings.realtime_timeout_s, settings.permanent_timeout_s, settings.max_text_chars
+        )
 
 
-class ClientMessageIdReused(InvalidInput):
-    """A `clientMessageId` was sent again with another channel or text."""
-
-
-class DualWriter:
+class MessageSender:
     """Sends messages. Share one per process: its id generator keeps ids in creation order."""
 
     def __init__(
@@ -64,14 +70,14 @@ class DualWriter:
         store: PermanentStore,
         queue: RetryQueue,
         clock: Clock,
-        limits: SendLimits | None = None,
+        limits: SendLimits,
         ids: PushIdGenerator | None = None,
     ) -> None:
         self._realtime = realtime
         self._store = store
         self._queue = queue
         self._clock = clock
-        self.limits = limits or SendLimits()
+        self.limits = limits
         self._ids = ids or PushIdGenerator(clock.now_ms)
 
     async def send_message(
@@ -90,56 +96,59 @@ class DualWriter:
 
         Raises `InvalidInput` (nothing written) or `SendFailed` (realtime write failed).
         """
+        outcome = "failed"
         try:
-            channel = check_channel(workspace_id, channel_id)
-            check_text(text, self.limits.max_text_chars)
-            check_user(user)
-        except InvalidInput:
-            metrics.SENDS.labels("invalid").inc()
-            raise
-        fresh_id = self._ids.new_id()
-        claim = SendClaim(fresh_id, self._clock.now_ms(), "")
-        try:
-            if client_message_id is not None:
-                claim = await self._claim(
-                    channel.workspace_id, channel.channel_id, text, user, client_message_id, claim
-                )
-            message = RealtimeMessage(
-                message_id=claim.message_id,
-                user_id=user.id,
-                user_name=user.name,
-                text=text,
-                timestamp=claim.timestamp,
-                ttl=claim.timestamp + REALTIME_TTL_MS,
+            channel, message, repeat = await self._admit(
+                workspace_id, channel_id, text, user, client_message_id
             )
-            started = time.perf_counter()
-            await bounded(
-                self._realtime.write(channel, message),
-                self.limits.realtime_timeout_s,
-                "realtime tier",
-            )
-            metrics.REALTIME_WRITE_SECONDS.observe(time.perf_counter() - started)
+            await self._write_realtime(channel, message)
+            status = await self.save_or_queue(PermanentWrite.of(channel, message))
+            if status == "saved" and repeat:
+                # A repeated send may find its first attempt still queued; it is saved now.
+                await self._queue.remove(channel, message.message_id)
+            outcome = status
+            return SendResult(message.message_id, status, message.timestamp)
         except InvalidInput:
-            metrics.SENDS.labels("invalid").inc()
+            outcome = "invalid"
             raise
-        except Exception as exc:
-            metrics.SENDS.labels("failed").inc()
-            raise SendFailed() from exc
+        finally:
+            metrics.SENDS.labels(outcome).inc()
 
-        write = PermanentWrite(
-            channel=channel,
-            message_id=message.message_id,
+    async def _admit(
+        self,
+        workspace_id: str,
+        channel_id: str,
+        text: str,
+        user: User,
+        client_message_id: str | None,
+    ) -> tuple[ChannelRef, RealtimeMessage, bool]:
+        """Step 0: the checked channel, the message to write, and whether it repeats a send."""
+        channel = check_channel(workspace_id, channel_id)
+        check_text(text, self.limits.max_text_chars)
+        check_user(user)
+        claim = SendClaim(self._ids.new_id(), self._clock.now_ms(), "")
+        repeat = False
+        if client_message_id is not None:
+            held = await self._claim(channel, text, user, client_message_id, claim)
+            repeat, claim = held.message_id != claim.message_id, held
+        message = RealtimeMessage(
+            message_id=claim.message_id,
             user_id=user.id,
             user_name=user.name,
             text=text,
-            sent_at=message.timestamp,
+            timestamp=claim.timestamp,
+            ttl=claim.timestamp + REALTIME_TTL_MS,
         )
-        status = await self.save_or_queue(write)
-        if status == "saved" and claim.message_id != fresh_id:
-            # A repeated send may find its first attempt still queued; it is saved now.
-            await self._queue.remove(channel, claim.message_id)
-        metrics.SENDS.labels(status).inc()
-        return SendResult(message.message_id, status, message.timestamp)
+        return channel, message, repeat
+
+    async def _write_realtime(self, channel: ChannelRef, message: RealtimeMessage) -> None:
+        """Step 1: deliver, or raise `SendFailed` with nothing else written."""
+        started = time.perf_counter()
+        try:
+            await self._bounded_realtime(self._realtime.write(channel, message))
+        except Exception as exc:
+            raise SendFailed() from exc
+        metrics.REALTIME_WRITE_SECONDS.observe(time.perf_counter() - started)
 
     async def save_or_queue(self, write: PermanentWrite) -> SendStatus:
         """Step 2: the permanent write, or (on failure) report it and queue it durably."""
@@ -173,18 +182,12 @@ class DualWriter:
             )
             sentry_sdk.capture_exception(queue_error)
             with contextlib.suppress(Exception):
-                await bounded(
-                    self._realtime.delete(write.channel, write.message_id),
-                    self.limits.realtime_timeout_s,
-                    "realtime tier",
-                )
-            metrics.SENDS.labels("failed").inc()
+                await self._bounded_realtime(self._realtime.delete(write.channel, write.message_id))
             raise SendFailed() from queue_error
 
     async def _claim(
         self,
-        workspace_id: str,
-        channel_id: str,
+        channel: ChannelRef,
         text: str,
         user: User,
         client_message_id: str,
@@ -192,18 +195,22 @@ class DualWriter:
     ) -> SendClaim:
         check_id("clientMessageId", client_message_id)
         fingerprint = hashlib.sha256(
-            "\x00".join((workspace_id, channel_id, text)).encode()
+            "\x00".join((channel.workspace_id, channel.channel_id, text)).encode()
         ).hexdigest()
-        key = SendKey(workspace_id, user.id, client_message_id)
-        held = await bounded(
-            self._realtime.claim_send(
-                key, SendClaim(fresh.message_id, fresh.timestamp, fingerprint), REALTIME_TTL_MS
-            ),
-            self.limits.realtime_timeout_s,
-            "realtime tier",
-        )
+        key = SendKey(channel.workspace_id, user.id, client_message_id)
+        try:
+            held = await self._bounded_realtime(
+                self._realtime.claim_send(
+                    key, SendClaim(fresh.message_id, fresh.timestamp, fingerprint), REALTIME_TTL_MS
+                )
+            )
+        except Exception as exc:
+            raise SendFailed() from exc
         if held.fingerprint != fingerprint:
             raise ClientMessageIdReused(
                 "clientMessageId", "was already used for a different message"
             )
         return held
+
+    async def _bounded_realtime(self, call: Awaitable[_T]) -> _T:
+        return await bounded(call, self.limits.realtime_timeout_s, "realtime tier")

@@ -13,7 +13,6 @@ from dualwrite.model import ChannelRef, User
 
 MAX_ID_BYTES = 768
 MAX_USER_NAME_CHARS = 256
-DEFAULT_MAX_TEXT_CHARS = 40_000
 
 _FORBIDDEN_IN_ID = re.compile(r"[.$#\[\]/\x00-\x1f\x7f]")
 _FIRESTORE_RESERVED_ID = re.compile(r"^__.*__$")
@@ -35,7 +34,7 @@ def check_id(field: str, value: object) -> str:
     return value
 
 
-def check_text(value: object, max_chars: int = DEFAULT_MAX_TEXT_CHARS) -> str:
+def check_text(value: object, max_chars: int) -> str:
     """Message text: any Unicode but NUL, not blank, at most ``max_chars`` code points.
 
     Newlines, tabs and other control characters are kept as sent. NUL is refused because

@@ -13,10 +13,10 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import redis.asyncio as aioredis
 
-from dualwrite import SendFailed, Settings, User, open_dualwrite
-from dualwrite._proxy import TcpProxy
+from dualwrite import DualWrite, SendFailed, Settings, User, open_dualwrite
+from dualwrite.backends import create_permanent_store
 from dualwrite.model import ChannelRef
-from dualwrite.runtime import DualWrite
+from dualwrite.tools.proxy import TcpProxy
 from tests.conftest import realtime_url, store_url, unique
 from tests.support.wait import until
 
@@ -69,8 +69,10 @@ async def queue_empty(dw: DualWrite) -> bool:
 
 async def test_paused_redis_fails_the_send_within_the_timeout(tmp_path: Path) -> None:
     rt = realtime_url("redis", tmp_path)
+    postgres = store_url("postgres", tmp_path)
+    permanent = create_permanent_store(postgres)
     async with open_dualwrite(
-        settings(tmp_path, rt, store_url("postgres", tmp_path)), background=False
+        settings(tmp_path, rt, postgres), store=permanent, background=False
     ) as dw:
         admin: Any = aioredis.Redis.from_url(os.environ["DUALWRITE_TEST_REDIS_URL"])
         workspace = unique("ws")
@@ -86,7 +88,7 @@ async def test_paused_redis_fails_the_send_within_the_timeout(tmp_path: Path) ->
         # Nothing reached PostgreSQL and nothing was queued. (The realtime write itself may
         # still land once Redis wakes: a timeout cannot take back what Redis already holds;
         # the reconciler persists such late deliveries.)
-        page = await dw.store.history(ChannelRef(workspace, "general"), None, 10)
+        page = await permanent.history(ChannelRef(workspace, "general"), None, 10)
         assert page.messages == []
         assert await dw.pending() == []
 
@@ -112,9 +114,12 @@ async def test_redis_cut_off_fails_the_send_and_recovers(
 async def test_postgres_cut_off_gives_pending_and_the_write_lands_once_back(
     tmp_path: Path, postgres_proxy: TcpProxy
 ) -> None:
-    store = through(postgres_proxy, store_url("postgres", tmp_path))
+    postgres = through(postgres_proxy, store_url("postgres", tmp_path))
+    permanent = create_permanent_store(postgres)
     async with open_dualwrite(
-        settings(tmp_path, realtime_url("redis", tmp_path), store), background=False
+        settings(tmp_path, realtime_url("redis", tmp_path), postgres),
+        store=permanent,
+        background=False,
     ) as dw:
         workspace = unique("ws")
         await postgres_proxy.cut()
@@ -130,5 +135,5 @@ async def test_postgres_cut_off_gives_pending_and_the_write_lands_once_back(
             await until(lambda: queue_empty(dw), 30)
         finally:
             retrier.cancel()
-        stored = await dw.store.get(ChannelRef(workspace, "general"), result.message_id)
+        stored = await permanent.get(ChannelRef(workspace, "general"), result.message_id)
         assert stored is not None and stored.timestamp == result.timestamp

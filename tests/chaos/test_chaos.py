@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from dualwrite.chaos import run_chaos
+from dualwrite.tools.chaos import run_chaos
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from dualwrite._serve_process import free_port
+from dualwrite.tools.serve_process import free_port
 
 HERE = Path(__file__).parent
 NODE_MODULES = HERE / "node_modules"

@@ -11,9 +11,9 @@ from dualwrite.backends import create_permanent_store, create_realtime_tier
 from dualwrite.faults import Faults, FaultyPermanentStore, FaultyRealtimeTier
 from dualwrite.model import User
 from dualwrite.runtime import open_dualwrite
-from dualwrite.server import ServerConfig, create_app
+from dualwrite.server import create_app
 from dualwrite.server.auth import Identity, TokenSigner
-from dualwrite.settings import Settings
+from dualwrite.settings import ServerSettings, Settings
 from tests.support.servers import serving
 
 SECRET = "test-secret-" + "x" * 40
@@ -36,18 +36,18 @@ class Api:
 
 @pytest.fixture
 def api(tmp_path: Path) -> Iterator[Api]:
-    yield from _api(tmp_path, ServerConfig(token_secret=SECRET, dev_sign_in=True))
+    yield from _api(tmp_path, ServerSettings(token_secret=SECRET, dev_sign_in=True))
 
 
 @pytest.fixture
 def firebase_auth_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Api]:
     """A server that also takes Firebase ID tokens, from the Auth emulator (unsigned)."""
     monkeypatch.setenv("FIREBASE_AUTH_EMULATOR_HOST", "127.0.0.1:9099")
-    config = ServerConfig(token_secret=SECRET, firebase_project="dualwrite-test")
+    config = ServerSettings(token_secret=SECRET, firebase_project="dualwrite-test")
     yield from _api(tmp_path, config)
 
 
-def _api(tmp_path: Path, config: ServerConfig) -> Iterator[Api]:
+def _api(tmp_path: Path, config: ServerSettings) -> Iterator[Api]:
     realtime_faults, store_faults = Faults(), Faults()
     settings = Settings(
         store_url=f"sqlite:///{tmp_path}/messages.db",

@@ -43,7 +43,8 @@ async def test_a_slow_listener_overflows_while_a_fast_one_gets_everything(
 
 
 def test_fault_spec_parses_and_refuses_nonsense() -> None:
-    from dualwrite.settings import BadSetting, parse_fault_spec
+    from dualwrite.errors import BadSetting
+    from dualwrite.settings import parse_fault_spec
 
     assert parse_fault_spec("realtime=0.5,permanent=1.0") == {
         "fault_realtime": 0.5,

@@ -12,8 +12,8 @@ from typing import Any
 
 import uvicorn
 
-from dualwrite._serve_process import free_port
-from dualwrite._serve_process import serve_process as spawn
+from dualwrite.tools.serve_process import free_port
+from dualwrite.tools.serve_process import serve_process as spawn
 
 TOKEN_SECRET = "e2e-secret-" + "z" * 40
 

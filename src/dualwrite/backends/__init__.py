@@ -8,8 +8,9 @@ scheme below, and run the contract suites in ``tests/backends`` against it.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from dualwrite.clock import Clock, SystemClock
@@ -57,10 +58,13 @@ def _module_for(url: str, table: dict[str, str], kind: str) -> str:
 def create_realtime_tier(url: str, context: BackendContext | None = None) -> RealtimeTier:
     """Build (without connecting) the realtime tier that ``url`` names."""
     module = importlib.import_module(_module_for(url, REALTIME_BACKENDS, "realtime"))
-    return cast("RealtimeTier", module.create(url, context or BackendContext()))
+    # Each module's `create` is annotated to return the Protocol, so mypy checks the backend.
+    factory: Callable[[str, BackendContext], RealtimeTier] = module.create
+    return factory(url, context or BackendContext())
 
 
 def create_permanent_store(url: str, context: BackendContext | None = None) -> PermanentStore:
     """Build (without connecting) the permanent store that ``url`` names."""
     module = importlib.import_module(_module_for(url, PERMANENT_BACKENDS, "permanent store"))
-    return cast("PermanentStore", module.create(url, context or BackendContext()))
+    factory: Callable[[str, BackendContext], PermanentStore] = module.create
+    return factory(url, context or BackendContext())

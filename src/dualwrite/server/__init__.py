@@ -1,5 +1,5 @@
 """The chat server: `create_app` builds the ASGI app, `dualwrite serve` runs it."""
 
-from dualwrite.server.app import ServerConfig, create_app
+from dualwrite.server.app import create_app
 
-__all__ = ["ServerConfig", "create_app"]
+__all__ = ["create_app"]

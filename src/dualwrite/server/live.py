@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from dualwrite.model import ChannelRef, RealtimeMessage
-from dualwrite.runtime import DualWrite
+from dualwrite.service import DualWrite
 
-log = logging.getLogger("dualwrite.live")
+log = logging.getLogger(__name__)
 
 SOCKET_BUFFER = 1000
 
@@ -91,7 +91,9 @@ class LiveHub:
         replayed: set[str] = set()
         if after_id is not None:
             # Joined the hub before reading the backlog: nothing falls between the two.
-            for message in await self._dw.realtime.read_since(channel, after_id, 10_000):
+            for message in await self._dw.replay(
+                channel.workspace_id, channel.channel_id, after_id, 10_000
+            ):
                 replayed.add(message.message_id)
                 yield encode(channel, message)
         while True:
@@ -107,7 +109,9 @@ class LiveHub:
         while True:
             try:
                 # After a failure, resume from the last id so that nothing is skipped.
-                async for message in self._dw.realtime.subscribe(channel, last_id):
+                async for message in self._dw.subscribe(
+                    channel.workspace_id, channel.channel_id, last_id
+                ):
                     last_id = message.message_id
                     frame = encode(channel, message)
                     for listener in list(entry.listeners):

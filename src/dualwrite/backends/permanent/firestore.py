@@ -1,9 +1,10 @@
 """Cloud Firestore permanent store (`firestore://PROJECT_ID`), google-cloud-firestore's AsyncClient.
 
-Documents are the seed's: `workspaces/{ws}/channels/{ch}/messages/{id}` with {messageId,
-channelId, workspaceId, userId, userName, text, timestamp, createdAt}, the two times as
-Firestore timestamps. A write is a `create()` by explicit id (never `add()`): a second write of
-the same id fails with AlreadyExists and leaves the first, which is the idempotence we want.
+Documents are the story's (docs/story.md): `workspaces/{ws}/channels/{ch}/messages/{id}`
+with {messageId, channelId, workspaceId, userId, userName, text, timestamp, createdAt}, the
+two times as Firestore timestamps. A write is a `create()` by explicit id (never `add()`): a
+second write of the same id fails with AlreadyExists and leaves the first, which is the
+idempotence we want.
 History pages order by (timestamp desc, messageId desc), which needs the composite index in
 firestore.indexes.json. Credentials: Google's defaults (`GOOGLE_APPLICATION_CREDENTIALS`);
 `FIRESTORE_EMULATOR_HOST` points the client at an emulator.
@@ -29,6 +30,7 @@ from dualwrite.model import (
     StoredMessage,
     parse_history_cursor,
 )
+from dualwrite.ports import PermanentStore
 
 _MAX_BATCH = 500
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -148,7 +150,7 @@ def _to_message(channel: ChannelRef, data: dict[str, Any]) -> StoredMessage:
     )
 
 
-def create(url: str, context: BackendContext) -> FirestorePermanentStore:
+def create(url: str, context: BackendContext) -> PermanentStore:
     project = urlsplit(url).netloc
     if not project:
         raise UnknownBackend(f"expected firestore://PROJECT_ID, got {url!r}")

@@ -13,6 +13,7 @@ from dualwrite.model import (
     StoredMessage,
     parse_history_cursor,
 )
+from dualwrite.ports import PermanentStore
 
 
 class MemoryPermanentStore:
@@ -60,5 +61,5 @@ class MemoryPermanentStore:
         return HistoryPage.from_candidates(ordered[: limit + 1], limit)
 
 
-def create(url: str, context: BackendContext) -> MemoryPermanentStore:
+def create(url: str, context: BackendContext) -> PermanentStore:
     return MemoryPermanentStore(context.clock)

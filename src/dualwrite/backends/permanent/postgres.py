@@ -25,9 +25,10 @@ from dualwrite.model import (
     StoredMessage,
     parse_history_cursor,
 )
+from dualwrite.ports import PermanentStore
 from dualwrite.settings import redact_url
 
-log = logging.getLogger("dualwrite.backends.postgres")
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
@@ -222,7 +223,7 @@ def _to_message(row: tuple[Any, ...]) -> StoredMessage:
     )
 
 
-def create(url: str, context: BackendContext) -> PostgresPermanentStore:
+def create(url: str, context: BackendContext) -> PermanentStore:
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query))
     schema = query.pop("schema", "dualwrite")

@@ -19,6 +19,7 @@ from dualwrite.model import (
     StoredMessage,
     parse_history_cursor,
 )
+from dualwrite.ports import PermanentStore
 
 # SQLite's own clock, in milliseconds: the store's "server time".
 _NOW_MS = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
@@ -130,5 +131,5 @@ def _to_message(row: tuple[str, str, str, str, str, str, int, int]) -> StoredMes
     )
 
 
-def create(url: str, context: BackendContext) -> SqlitePermanentStore:
+def create(url: str, context: BackendContext) -> PermanentStore:
     return SqlitePermanentStore(sqlite_path(url))

@@ -1,7 +1,8 @@
 """Firebase Realtime Database tier (`firebase-rtdb://NAME.firebaseio.com`, or for an emulator
 `firebase-rtdb://127.0.0.1:9000?ns=NAME`), with firebase-admin's `db` module (REST).
 
-The layout is the seed's: `messages/{ws}/{ch}/{id}` = {userId, userName, text, timestamp, ttl}.
+The layout is the story's (docs/story.md): `messages/{ws}/{ch}/{id}` =
+{userId, userName, text, timestamp, ttl}.
 firebase-admin blocks, so calls run in worker threads; live updates come from
 `Reference.listen()` (server-sent events, on its own thread, reconnecting by itself) and are
 handed to the event loop. Writes use `child(id).set()`, never `push()`: push is a POST the HTTP
@@ -28,10 +29,10 @@ from dualwrite.backends._recent import RecentIds
 from dualwrite.clock import Clock
 from dualwrite.errors import UnknownBackend
 from dualwrite.model import ChannelRef, RealtimeMessage
-from dualwrite.ports import SendClaim, SendKey
+from dualwrite.ports import RealtimeTier, SendClaim, SendKey
 
 T = TypeVar("T")
-log = logging.getLogger("dualwrite.backends.firebase_rtdb")
+log = logging.getLogger(__name__)
 _LIVENESS_CHECK_S = 5.0
 
 _LOOPBACK = ("127.0.0.1", "localhost", "[::1]", "::1")
@@ -235,5 +236,5 @@ def _stop(registration: db.ListenerRegistration) -> None:
         registration.close()
 
 
-def create(url: str, context: BackendContext) -> FirebaseRealtimeTier:
+def create(url: str, context: BackendContext) -> RealtimeTier:
     return FirebaseRealtimeTier(url, context.clock, context.call_timeout_s)

@@ -12,7 +12,7 @@ from dualwrite.backends import BackendContext
 from dualwrite.backends._recent import RecentIds
 from dualwrite.clock import Clock
 from dualwrite.model import ChannelRef, RealtimeMessage
-from dualwrite.ports import SendClaim, SendKey
+from dualwrite.ports import RealtimeTier, SendClaim, SendKey
 
 
 class MemoryRealtimeTier:
@@ -99,5 +99,5 @@ class MemoryRealtimeTier:
         return claim
 
 
-def create(url: str, context: BackendContext) -> MemoryRealtimeTier:
+def create(url: str, context: BackendContext) -> RealtimeTier:
     return MemoryRealtimeTier(context.clock)

@@ -24,7 +24,7 @@ from dualwrite.backends._recent import RecentIds
 from dualwrite.clock import Clock
 from dualwrite.ids import time_prefix
 from dualwrite.model import REALTIME_TTL_MS, ChannelRef, RealtimeMessage
-from dualwrite.ports import SendClaim, SendKey
+from dualwrite.ports import RealtimeTier, SendClaim, SendKey
 
 _WRITE = """
 local t = redis.call('TIME')
@@ -221,7 +221,7 @@ class RedisRealtimeTier:
         return SendClaim(message_id, int(timestamp), fingerprint)
 
 
-def create(url: str, context: BackendContext) -> RedisRealtimeTier:
+def create(url: str, context: BackendContext) -> RealtimeTier:
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query))
     prefix = query.pop("prefix", "dualwrite:")

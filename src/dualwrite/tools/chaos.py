@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from dualwrite._proxy import TcpProxy
-from dualwrite._serve_process import free_port
+from dualwrite.tools.proxy import TcpProxy
+from dualwrite.tools.serve_process import free_port
 
 TOKEN_SECRET_BYTES = 48
 

@@ -1,6 +1,7 @@
 """The raw baseline of `dualwrite bench --baseline raw`: per message, the same backend work with
-bare clients and no dualwrite code, awaited in sequence as the seed does: one realtime write with
-its notification, then one permanent insert. Only the self-hosted backends have one."""
+bare clients and no dualwrite code, awaited in sequence as the story's client does: one
+realtime write with its notification, then one permanent insert. Only the self-hosted backends
+have one."""
 
 from __future__ import annotations
 

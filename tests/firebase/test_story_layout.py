@@ -1,4 +1,4 @@
-"""A send on Firebase leaves exactly the seed's data, as Firebase clients read it."""
+"""A send on Firebase leaves exactly the story's data, as Firebase clients read it."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def rest_url(tier_url: str, path: str) -> str:
 
 
 @pytest.mark.parametrize("kind", ["firebase-rest", "firebase-server"])
-async def test_realtime_and_firestore_records_are_the_seeds(kind: str, tmp_path: Path) -> None:
+async def test_realtime_and_firestore_records_are_the_storys(kind: str, tmp_path: Path) -> None:
     workspace, channel = unique("ws"), unique("ch")
     rt_url = realtime_url(kind, tmp_path)
     settings = Settings(
@@ -51,7 +51,7 @@ async def test_realtime_and_firestore_records_are_the_seeds(kind: str, tmp_path:
     assert isinstance(record["timestamp"], int) and isinstance(record["ttl"], int)
 
     if kind == "firebase-server":
-        # The seed's own client, the Firebase JS SDK, over its WebSocket protocol.
+        # The story's own client, the Firebase JS SDK, over its WebSocket protocol.
         database_url = f"http://{urlsplit(rt_url).netloc}?{urlsplit(rt_url).query}"
         read = await asyncio.to_thread(
             subprocess.run,

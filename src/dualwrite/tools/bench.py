@@ -4,20 +4,23 @@ backend work done with bare clients (`--baseline raw`) for a ratio to steer by."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import resource
+import secrets
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 from dualwrite.errors import SendFailed
 from dualwrite.model import User
-from dualwrite.runtime import DualWrite
+from dualwrite.service import DualWrite
+from dualwrite.settings import Settings
 
 WORKSPACE = "bench"
 
@@ -348,7 +351,7 @@ async def run_raw(
     on_sent: Callable[[], None] = lambda: None,
 ) -> BenchReport | None:
     """The raw baseline at the same concurrency, or None where these backends have none."""
-    from dualwrite.bench_raw import raw_realtime, raw_record, raw_store
+    from dualwrite.tools.bench_raw import raw_realtime, raw_record, raw_store
 
     async with raw_realtime(realtime_url) as write, raw_store(store_url) as insert:
         if write is None or insert is None:
@@ -382,3 +385,23 @@ async def run_raw(
 
 def write_json(path: str, report: BenchReport) -> None:
     Path(path).write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def bench_server(settings: Settings, scratch: str) -> Iterator[tuple[str, str, int]]:
+    """A `dualwrite serve` process on these backends, for the http target."""
+    from dualwrite.server.auth import Identity, TokenSigner
+    from dualwrite.tools.serve_process import serve_process
+
+    secret = secrets.token_urlsafe(48)
+    env = {
+        **os.environ,
+        "DUALWRITE_TOKEN_SECRET": secret,
+        "DUALWRITE_REALTIME_URL": settings.realtime_url,
+        "DUALWRITE_STORE_URL": settings.store_url,
+        "DUALWRITE_QUEUE_PATH": str(Path(scratch, "server-queue.db")),
+        "DUALWRITE_SEND_RATE_PER_S": "0",  # one bench user sends everything
+    }
+    with serve_process(env, Path(scratch, "server.log")) as (base, pid):
+        token = TokenSigner(secret).mint(Identity(User("bench-user", "Bench"), "bench"))
+        yield base, token, pid
