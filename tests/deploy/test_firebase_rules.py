@@ -18,7 +18,10 @@ import pytest
 
 from dualwrite.ids import PushIdGenerator
 from dualwrite.model import REALTIME_TTL_MS, RealtimeMessage
-from dualwrite.validation import DEFAULT_MAX_TEXT_CHARS, MAX_USER_NAME_CHARS
+from dualwrite.settings import Settings
+from dualwrite.validation import MAX_USER_NAME_CHARS
+
+MAX_TEXT_CHARS = Settings().max_text_chars
 from tests.firebase.servers import HERE as FIREBASE_TESTS
 from tests.firebase.servers import NODE_MODULES
 
@@ -105,8 +108,8 @@ CASES: dict[str, Case] = {
     "member of another workspace refused": write(message(userId="u9"), False, auth=OUTSIDER),
     "token without a workspace claim refused": write(message(), False, auth=NO_CLAIM),
     # text: a string of 1 to 40,000 characters, not blank.
-    "text at the limit accepted": write(message(text="x" * DEFAULT_MAX_TEXT_CHARS), True),
-    "text over the limit refused": write(message(text="x" * (DEFAULT_MAX_TEXT_CHARS + 1)), False),
+    "text at the limit accepted": write(message(text="x" * MAX_TEXT_CHARS), True),
+    "text over the limit refused": write(message(text="x" * (MAX_TEXT_CHARS + 1)), False),
     "1 MB text refused": write(message(text="x" * 1_000_000), False),
     "numeric text refused": write(message(text=42), False),
     "boolean text refused": write(message(text=True), False),
@@ -245,6 +248,6 @@ def test_rules(name: str, verdicts: dict[str, Verdict]) -> None:
 def test_the_rules_limits_are_the_servers() -> None:
     """The numbers written into the rules are the ones the server checks."""
     rules = RULES.read_text()
-    assert f"<= {DEFAULT_MAX_TEXT_CHARS}" in rules
+    assert f"<= {MAX_TEXT_CHARS}" in rules
     assert f"<= {MAX_USER_NAME_CHARS}" in rules
     assert f"+ {REALTIME_TTL_MS}" in rules
