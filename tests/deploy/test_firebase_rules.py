@@ -20,11 +20,10 @@ from dualwrite.ids import PushIdGenerator
 from dualwrite.model import REALTIME_TTL_MS, RealtimeMessage
 from dualwrite.settings import Settings
 from dualwrite.validation import MAX_USER_NAME_CHARS
-
-MAX_TEXT_CHARS = Settings().max_text_chars
 from tests.firebase.servers import HERE as FIREBASE_TESTS
 from tests.firebase.servers import NODE_MODULES
 
+MAX_TEXT_CHARS = Settings().max_text_chars
 RULES = Path(__file__).parents[2] / "deploy" / "firebase" / "database.rules.json"
 EVALUATOR = FIREBASE_TESTS / "evaluate_rules.js"
 
