@@ -29,8 +29,7 @@ from dualwrite.settings import redact_url
 
 log = logging.getLogger("dualwrite.backends.postgres")
 
-SCHEMA_VERSION = 1
-
+# Append only: a database at version N runs the steps after its N-th, in one transaction.
 _MIGRATIONS = [
     # Version 1: the messages table and the index serving history pages.
     """
@@ -48,7 +47,19 @@ _MIGRATIONS = [
     CREATE INDEX IF NOT EXISTS messages_history
         ON {schema}.messages (workspace_id, channel_id, "timestamp" DESC, message_id DESC);
     """,
+    # Version 2: keys compare bytewise, as history cursors, the merge with the realtime tier and
+    # the other stores do, whatever the database's collation (under en-US, ICU or libc, 'A'
+    # sorts beside 'a' and '-' or '_' not by its byte: pages of tied messages repeated and
+    # skipped some). No table rewrite (text stays text), but both indexes are rebuilt, holding
+    # an exclusive lock on the table meanwhile: run it when a pause of writes is acceptable.
+    """
+    ALTER TABLE {schema}.messages
+        ALTER COLUMN workspace_id TYPE text COLLATE "C",
+        ALTER COLUMN channel_id TYPE text COLLATE "C",
+        ALTER COLUMN message_id TYPE text COLLATE "C";
+    """,
 ]
+SCHEMA_VERSION = len(_MIGRATIONS)
 
 _MS = "(extract(epoch FROM {col}) * 1000)::bigint"
 _SELECT = (
@@ -142,26 +153,37 @@ class PostgresPermanentStore:
 
     async def schema_version(self) -> int:
         async with self._p.connection() as conn:
-            cur = await conn.execute(
-                "SELECT obj_description(to_regnamespace(%s), 'pg_namespace')", (self._schema_name,)
-            )
-            row = await cur.fetchone()
+            return await self._read_version(conn)
+
+    async def _read_version(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        cur = await conn.execute(
+            "SELECT obj_description(to_regnamespace(%s), 'pg_namespace')", (self._schema_name,)
+        )
+        row = await cur.fetchone()
         comment = row[0] if row else None
         return int(comment.removeprefix("dualwrite schema v")) if comment else 0
 
     async def migrate(self) -> int:
-        """Bring the schema to the current version; safe to run concurrently and repeatedly."""
+        """Bring the schema to the current version; safe to run concurrently and repeatedly.
+
+        Returns the version the schema is at (a newer one than this code's is left alone).
+        """
         async with self._p.connection() as conn, conn.transaction():
             # One migrator at a time, across every process sharing the database.
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self._schema_name,))
+            # Rebuilding an index takes as long as the table is big, not one call's bound.
+            await conn.execute("SET LOCAL statement_timeout = 0")
             await conn.execute(self._q("CREATE SCHEMA IF NOT EXISTS {schema}"))
-            for step in _MIGRATIONS:
+            version = await self._read_version(conn)
+            for step in _MIGRATIONS[version:]:
                 await conn.execute(self._q(step))
-            await conn.execute(
-                self._q("COMMENT ON SCHEMA {schema} IS ")
-                + sql.Literal(f"dualwrite schema v{SCHEMA_VERSION}")
-            )
-        return SCHEMA_VERSION
+            if version < SCHEMA_VERSION:
+                version = SCHEMA_VERSION
+                await conn.execute(
+                    self._q("COMMENT ON SCHEMA {schema} IS ")
+                    + sql.Literal(f"dualwrite schema v{SCHEMA_VERSION}")
+                )
+        return version
 
     async def save(self, write: PermanentWrite) -> None:
         await self.save_many([write])
@@ -200,19 +222,28 @@ class PostgresPermanentStore:
         return _to_message(row) if row else None
 
     async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:
+        query, params = self._history_query(channel, before, limit)
+        await self._ensure_schema()
+        async with self._p.connection() as conn:
+            cur = await conn.execute(query, params)
+            rows = await cur.fetchall()
+        return HistoryPage.from_candidates([_to_message(r) for r in rows], limit)
+
+    def _history_query(
+        self, channel: ChannelRef, before: str | None, limit: int
+    ) -> tuple[sql.Composed, list[object]]:
+        """The statement reading one history page (and one more row, to tell if there is more).
+
+        Ids compare bytewise (`COLLATE "C"`, as the columns since schema v2), so the index on
+        (workspace, channel, timestamp desc, id desc) serves it in order, with no sort.
+        """
         where = "WHERE workspace_id = %s AND channel_id = %s "
         params: list[object] = [channel.workspace_id, channel.channel_id]
         if before is not None:
-            where += f'AND ("timestamp", message_id) < ({_FROM_MS}, %s) '
+            where += f'AND ("timestamp", message_id) < ({_FROM_MS}, %s COLLATE "C") '
             params += list(parse_history_cursor(before))
-        await self._ensure_schema()
-        async with self._p.connection() as conn:
-            cur = await conn.execute(
-                self._q(_SELECT + where + 'ORDER BY "timestamp" DESC, message_id DESC LIMIT %s'),
-                (*params, limit + 1),
-            )
-            rows = await cur.fetchall()
-        return HistoryPage.from_candidates([_to_message(r) for r in rows], limit)
+        order = 'ORDER BY "timestamp" DESC, message_id COLLATE "C" DESC LIMIT %s'
+        return self._q(_SELECT + where + order), [*params, limit + 1]
 
 
 def _to_message(row: tuple[Any, ...]) -> StoredMessage:
