@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -71,12 +72,17 @@ def icu_database() -> Iterator[str]:
 
 
 def new_store(
-    url: str, schema: str | None = None, *, migrate: bool = True, timeout_s: float = 5.0
+    url: str,
+    schema: str | None = None,
+    *,
+    migrate: bool = True,
+    timeout_s: float = 5.0,
+    query: str = "",
 ) -> PostgresPermanentStore:
     """A store (not connected yet) on its own schema of the database at ``url``."""
     schema = schema or unique("test_")
     _CREATED_SCHEMAS.append(schema)  # dropped at the end if it is in the test database
-    query = f"?schema={schema}" + ("&migrate=1" if migrate else "")
+    query = f"?schema={schema}" + ("&migrate=1" if migrate else "") + query
     store = create_permanent_store(url + query, BackendContext(call_timeout_s=timeout_s))
     assert isinstance(store, PostgresPermanentStore)
     return store
@@ -306,3 +312,55 @@ async def test_the_history_index_serves_the_page_in_order_without_a_sort(
                 assert [n["Index Name"] for n in scans] == ["messages_history"], kinds
     finally:
         await store.close()
+
+
+def tcp_options(conn: psycopg.AsyncConnection[Any]) -> dict[str, int]:
+    """What the kernel applies to this connection's socket, on the client's side."""
+    with socket.fromfd(conn.pgconn.socket, socket.AF_INET, socket.SOCK_STREAM) as sock:
+        return {
+            "keepalives": sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            "keepalives_idle": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            "keepalives_interval": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            "keepalives_count": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+            "tcp_user_timeout": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+        }
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux socket options")
+@pytest.mark.parametrize(
+    ("timeout_s", "query", "expected"),
+    [
+        (5.0, "", {"idle": 5, "interval": 5, "count": 3, "user_timeout": 20_000}),
+        (0.5, "", {"idle": 1, "interval": 1, "count": 3, "user_timeout": 4_000}),
+        # Settings in the URL win over the derived ones.
+        (
+            5.0,
+            "&keepalives_idle=30",
+            {"idle": 30, "interval": 5, "count": 3, "user_timeout": 20_000},
+        ),
+    ],
+)
+async def test_connections_give_up_on_a_silent_server_within_a_few_call_bounds(
+    timeout_s: float, query: str, expected: dict[str, int]
+) -> None:
+    url = server_url()
+    host = urlsplit(url).hostname
+    if not host or host.startswith("/"):
+        pytest.skip("a Unix socket has no TCP settings")
+    store = await open_store(url, timeout_s=timeout_s, query=query)
+    try:
+        async with store._p.connection() as conn:
+            options = tcp_options(conn)
+            params = conn.info.get_parameters()
+    finally:
+        await store.close()
+    assert options == {
+        "keepalives": 1,
+        "keepalives_idle": expected["idle"],
+        "keepalives_interval": expected["interval"],
+        "keepalives_count": expected["count"],
+        "tcp_user_timeout": expected["user_timeout"],
+    }
+    # libpq took them as connection parameters (not the server's tcp_keepalives_* settings).
+    assert params["keepalives_idle"] == str(expected["idle"])
+    assert params["tcp_user_timeout"] == str(expected["user_timeout"])

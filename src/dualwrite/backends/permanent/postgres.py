@@ -8,12 +8,14 @@ Create the schema with `dualwrite migrate` (or `DUALWRITE_MIGRATE_ON_START=1`).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from dualwrite.backends import BackendContext
@@ -73,6 +75,31 @@ _NOW = "date_trunc('milliseconds', now())"
 _FROM_MS = "(timestamptz 'epoch' + %s * interval '1 millisecond')"
 
 
+_KEEPALIVE_PROBES = 3
+
+
+def tcp_settings(timeout_s: float) -> dict[str, int]:
+    """libpq TCP parameters giving up on a server that stops answering in a few call bounds.
+
+    Without them a pooled connection to a host that vanished (packets dropped, no reset) looks
+    alive for the system's keepalive time, 2 hours by default, and a query sent on it waits for
+    retransmissions for some 15 minutes more. Here an idle connection is probed after one call
+    bound of silence, then every call bound, and dropped after 3 unanswered probes; data left
+    unacknowledged as long is given up too (`tcp_user_timeout`, which on Linux also decides
+    when unanswered probes end the connection, hence the same total). Keepalives are answered
+    by whatever holds the TCP connection, so a proxy that stays up while forwarding nothing is
+    caught by the callers' bounds, not by these.
+    """
+    probe_s = max(1, math.ceil(timeout_s))  # libpq takes whole seconds
+    return {
+        "keepalives": 1,
+        "keepalives_idle": probe_s,
+        "keepalives_interval": probe_s,
+        "keepalives_count": _KEEPALIVE_PROBES,
+        "tcp_user_timeout": probe_s * (1 + _KEEPALIVE_PROBES) * 1000,  # milliseconds
+    }
+
+
 class DatabaseUnreachable(BackendError):
     """PostgreSQL did not answer (down, cut off, or refusing connections)."""
 
@@ -94,6 +121,9 @@ class PostgresPermanentStore:
         self._schema_ready = False
 
     async def connect(self) -> None:
+        # The URL's own TCP settings, if it has any, win over the derived ones.
+        given = conninfo_to_dict(self._conninfo)
+        tcp = {k: v for k, v in tcp_settings(self._timeout_s).items() if k not in given}
         self._pool = AsyncConnectionPool(
             self._conninfo,
             min_size=1,
@@ -101,11 +131,14 @@ class PostgresPermanentStore:
             open=False,
             timeout=self._timeout_s,
             # A connection broken by an outage is replaced before use, not handed to a write.
+            # (`timeout` bounds the wait for a free connection, not this check: a check on a
+            # connection nobody answers ends with the caller's bound or the TCP settings.)
             check=AsyncConnectionPool.check_connection,
             kwargs={
                 "autocommit": True,
                 "connect_timeout": max(1, int(self._timeout_s)),
                 "options": f"-c statement_timeout={int(self._timeout_s * 1000)}",
+                **tcp,
             },
         )
         # Start even while PostgreSQL is down: sends are then delivered and queued, which is
