@@ -4,10 +4,12 @@ history index, and TCP settings that give up on a server that stops answering.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,10 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg_pool import PoolTimeout
 
 from dualwrite import Settings, open_dualwrite
+from dualwrite._calls import bounded
 from dualwrite.backends import BackendContext, create_permanent_store
 from dualwrite.backends.permanent.postgres import (
     _MIGRATIONS,
@@ -28,9 +32,11 @@ from dualwrite.backends.permanent.postgres import (
 from dualwrite.backends.realtime.memory import MemoryRealtimeTier
 from dualwrite.cli import main
 from dualwrite.clock import SystemClock
+from dualwrite.errors import BackendTimeout
 from dualwrite.ids import time_prefix
 from dualwrite.model import ChannelRef, PermanentWrite
 from tests.conftest import _CREATED_SCHEMAS, unique
+from tests.support.wait import until
 
 pytestmark = pytest.mark.postgres
 
@@ -364,3 +370,91 @@ async def test_connections_give_up_on_a_silent_server_within_a_few_call_bounds(
     # libpq took them as connection parameters (not the server's tcp_keepalives_* settings).
     assert params["keepalives_idle"] == str(expected["idle"])
     assert params["tcp_user_timeout"] == str(expected["user_timeout"])
+
+
+class StallingProxy:
+    """A TCP proxy that, once stalled, keeps its connections open and forwards nothing, as a
+    proxy whose server hangs. Its kernel still acknowledges, so TCP keepalives see no fault."""
+
+    def __init__(self, url: str) -> None:
+        self._url = urlsplit(url)
+        self.stalled = False
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        """Start; return ``url`` with its address replaced by the proxy's."""
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        netloc = self._url.netloc.rsplit("@", 1)[0] + f"@127.0.0.1:{port}"
+        return urlunsplit(self._url._replace(netloc=netloc))
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        self._writers.add(writer)
+        try:
+            target = (self._url.hostname or "127.0.0.1", self._url.port or 5432)
+            up_reader, up_writer = await asyncio.open_connection(*target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.add(up_writer)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await src.read(65536):
+                    if not self.stalled:
+                        dst.write(data)
+                        await dst.drain()
+            dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._handlers.discard(task)
+
+
+async def test_calls_through_a_proxy_that_stops_forwarding_fail_within_their_bound() -> None:
+    proxy = StallingProxy(server_url())
+    store = await open_store(await proxy.start(), timeout_s=0.5)
+    try:
+        channel = ChannelRef(unique("ws"), unique("ch"))
+        first, second = one_batch(channel)[:2]
+        await store.save(first)
+        proxy.stalled = True
+        calls: list[Coroutine[Any, Any, object]] = [
+            store.save(second),
+            store.get(channel, first.message_id),
+            store.history(channel, None, 10),
+        ]
+        for call in calls:
+            started = time.monotonic()
+            with pytest.raises(BackendTimeout):
+                await bounded(call, 0.5, "permanent store")
+            # psycopg alone answered the cancellation after cancelling the query in the server
+            # and waiting for its connection (5 s each): 10.5 s.
+            assert time.monotonic() - started < 1.5
+        proxy.stalled = False
+
+        async def saved() -> bool:
+            with contextlib.suppress(BackendTimeout, PoolTimeout, psycopg.OperationalError):
+                await bounded(store.save(second), 0.5, "permanent store")
+                return True
+            return False
+
+        await until(saved)
+        assert await store.get(channel, second.message_id) is not None
+    finally:
+        started = time.monotonic()
+        await store.close()
+        closing_s = time.monotonic() - started
+        await proxy.close()
+    assert closing_s < 2

@@ -7,10 +7,11 @@ Create the schema with `dualwrite migrate` (or `DUALWRITE_MIGRATE_ON_START=1`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
@@ -30,6 +31,9 @@ from dualwrite.model import (
 from dualwrite.settings import redact_url
 
 log = logging.getLogger("dualwrite.backends.postgres")
+
+_T = TypeVar("_T")
+Connection = psycopg.AsyncConnection[Any]
 
 # Append only: a database at version N runs the steps after its N-th, in one transaction.
 _MIGRATIONS = [
@@ -117,8 +121,9 @@ class PostgresPermanentStore:
         self._schema_name = schema
         self._timeout_s = timeout_s
         self._migrate_on_connect = migrate_on_connect
-        self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
+        self._pool: AsyncConnectionPool[Connection] | None = None
         self._schema_ready = False
+        self._left_behind: set[asyncio.Task[Any]] = set()
 
     async def connect(self) -> None:
         # The URL's own TCP settings, if it has any, win over the derived ones.
@@ -171,6 +176,10 @@ class PostgresPermanentStore:
         self._schema_ready = True
 
     async def close(self) -> None:
+        # Interrupted a second time, psycopg closes a connection instead of waiting on it.
+        for task in list(self._left_behind):
+            task.cancel()
+        await asyncio.gather(*self._left_behind, return_exceptions=True)
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -179,16 +188,42 @@ class PostgresPermanentStore:
         return sql.SQL(text).format(schema=self._schema)
 
     @property
-    def _p(self) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
+    def _p(self) -> AsyncConnectionPool[Connection]:
         if self._pool is None:
             raise RuntimeError("PostgresPermanentStore is not connected")
         return self._pool
 
-    async def schema_version(self) -> int:
-        async with self._p.connection() as conn:
-            return await self._read_version(conn)
+    async def _run(self, work: Callable[[Connection], Awaitable[_T]]) -> _T:
+        """``work`` on a pooled connection, in a task of its own that a caller who stops
+        waiting (its bound ran out) leaves behind at once.
 
-    async def _read_version(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        psycopg lets the cancellation of a query through only after asking the server to
+        cancel it and then waiting for the connection, up to 5 s each: through a proxy that
+        stopped forwarding, a call bounded at 0.5 s returned after 10.5 s. The task left behind
+        finishes that on its own and its connection goes back to the pool, or is closed.
+        """
+        task = asyncio.create_task(self._on_connection(work))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.cancel()
+            self._left_behind.add(task)
+            task.add_done_callback(self._forget)
+            raise
+
+    async def _on_connection(self, work: Callable[[Connection], Awaitable[_T]]) -> _T:
+        async with self._p.connection() as conn:
+            return await work(conn)
+
+    def _forget(self, task: asyncio.Task[Any]) -> None:
+        self._left_behind.discard(task)
+        if not task.cancelled():
+            task.exception()  # its caller has had its timeout already
+
+    async def schema_version(self) -> int:
+        return await self._run(self._read_version)
+
+    async def _read_version(self, conn: Connection) -> int:
         cur = await conn.execute(
             "SELECT obj_description(to_regnamespace(%s), 'pg_namespace')", (self._schema_name,)
         )
@@ -201,7 +236,10 @@ class PostgresPermanentStore:
 
         Returns the version the schema is at (a newer one than this code's is left alone).
         """
-        async with self._p.connection() as conn, conn.transaction():
+        return await self._run(self._migrate)
+
+    async def _migrate(self, conn: Connection) -> int:
+        async with conn.transaction():
             # One migrator at a time, across every process sharing the database.
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self._schema_name,))
             # Rebuilding an index takes as long as the table is big, not one call's bound.
@@ -227,39 +265,33 @@ class PostgresPermanentStore:
         for write in writes:
             for column, value in zip(columns, write.as_row(), strict=True):
                 column.append(value)
+        query = self._q(
+            "INSERT INTO {schema}.messages (workspace_id, channel_id, message_id, "
+            'user_id, user_name, text, "timestamp", created_at) '
+            "SELECT ws, ch, id, uid, uname, body, "
+            f"COALESCE({_FROM_MS.replace('%s', 'sent')}, {_NOW}), {_NOW} "
+            "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
+            "%s::text[], %s::bigint[]) AS t(ws, ch, id, uid, uname, body, sent) "
+            "ON CONFLICT DO NOTHING"
+        )
+
+        async def insert(conn: Connection) -> None:
+            await conn.execute(query, columns)
+
         await self._ensure_schema()
-        async with self._p.connection() as conn:
-            await conn.execute(
-                self._q(
-                    "INSERT INTO {schema}.messages (workspace_id, channel_id, message_id, "
-                    'user_id, user_name, text, "timestamp", created_at) '
-                    "SELECT ws, ch, id, uid, uname, body, "
-                    f"COALESCE({_FROM_MS.replace('%s', 'sent')}, {_NOW}), {_NOW} "
-                    "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
-                    "%s::text[], %s::bigint[]) AS t(ws, ch, id, uid, uname, body, sent) "
-                    "ON CONFLICT DO NOTHING"
-                ),
-                columns,
-            )
+        await self._run(insert)
 
     async def get(self, channel: ChannelRef, message_id: str) -> StoredMessage | None:
+        query = self._q(_SELECT + "WHERE workspace_id = %s AND channel_id = %s AND message_id = %s")
+        params = (channel.workspace_id, channel.channel_id, message_id)
         await self._ensure_schema()
-        async with self._p.connection() as conn:
-            cur = await conn.execute(
-                self._q(
-                    _SELECT + "WHERE workspace_id = %s AND channel_id = %s AND message_id = %s"
-                ),
-                (channel.workspace_id, channel.channel_id, message_id),
-            )
-            row = await cur.fetchone()
-        return _to_message(row) if row else None
+        rows = await self._run(_fetch(query, params))
+        return _to_message(rows[0]) if rows else None
 
     async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:
         query, params = self._history_query(channel, before, limit)
         await self._ensure_schema()
-        async with self._p.connection() as conn:
-            cur = await conn.execute(query, params)
-            rows = await cur.fetchall()
+        rows = await self._run(_fetch(query, params))
         return HistoryPage.from_candidates([_to_message(r) for r in rows], limit)
 
     def _history_query(
@@ -277,6 +309,16 @@ class PostgresPermanentStore:
             params += list(parse_history_cursor(before))
         order = 'ORDER BY "timestamp" DESC, message_id COLLATE "C" DESC LIMIT %s'
         return self._q(_SELECT + where + order), [*params, limit + 1]
+
+
+def _fetch(
+    query: sql.Composed, params: Sequence[object]
+) -> Callable[[Connection], Awaitable[list[tuple[Any, ...]]]]:
+    async def fetch(conn: Connection) -> list[tuple[Any, ...]]:
+        cur = await conn.execute(query, params)
+        return await cur.fetchall()
+
+    return fetch
 
 
 def _to_message(row: tuple[Any, ...]) -> StoredMessage:
