@@ -7,13 +7,16 @@ Create the schema with `dualwrite migrate` (or `DUALWRITE_MIGRATE_ON_START=1`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
-from typing import Any
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from dualwrite.backends import BackendContext
@@ -30,8 +33,10 @@ from dualwrite.settings import redact_url
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+_T = TypeVar("_T")
+Connection = psycopg.AsyncConnection[Any]
 
+# Append only: a database at version N runs the steps after its N-th, in one transaction.
 _MIGRATIONS = [
     # Version 1: the messages table and the index serving history pages.
     """
@@ -49,7 +54,19 @@ _MIGRATIONS = [
     CREATE INDEX IF NOT EXISTS messages_history
         ON {schema}.messages (workspace_id, channel_id, "timestamp" DESC, message_id DESC);
     """,
+    # Version 2: keys compare bytewise, as history cursors, the merge with the realtime tier and
+    # the other stores do, whatever the database's collation (under en-US, ICU or libc, 'A'
+    # sorts beside 'a' and '-' or '_' not by its byte: pages of tied messages repeated and
+    # skipped some). No table rewrite (text stays text), but both indexes are rebuilt, holding
+    # an exclusive lock on the table meanwhile: run it when a pause of writes is acceptable.
+    """
+    ALTER TABLE {schema}.messages
+        ALTER COLUMN workspace_id TYPE text COLLATE "C",
+        ALTER COLUMN channel_id TYPE text COLLATE "C",
+        ALTER COLUMN message_id TYPE text COLLATE "C";
+    """,
 ]
+SCHEMA_VERSION = len(_MIGRATIONS)
 
 _MS = "(extract(epoch FROM {col}) * 1000)::bigint"
 _SELECT = (
@@ -61,6 +78,31 @@ _SELECT = (
 )
 _NOW = "date_trunc('milliseconds', now())"
 _FROM_MS = "(timestamptz 'epoch' + %s * interval '1 millisecond')"
+
+
+_KEEPALIVE_PROBES = 3
+
+
+def tcp_settings(timeout_s: float) -> dict[str, int]:
+    """libpq TCP parameters giving up on a server that stops answering in a few call bounds.
+
+    Without them a pooled connection to a host that vanished (packets dropped, no reset) looks
+    alive for the system's keepalive time, 2 hours by default, and a query sent on it waits for
+    retransmissions for some 15 minutes more. Here an idle connection is probed after one call
+    bound of silence, then every call bound, and dropped after 3 unanswered probes; data left
+    unacknowledged as long is given up too (`tcp_user_timeout`, which on Linux also decides
+    when unanswered probes end the connection, hence the same total). Keepalives are answered
+    by whatever holds the TCP connection, so a proxy that stays up while forwarding nothing is
+    caught by the callers' bounds, not by these.
+    """
+    probe_s = max(1, math.ceil(timeout_s))  # libpq takes whole seconds
+    return {
+        "keepalives": 1,
+        "keepalives_idle": probe_s,
+        "keepalives_interval": probe_s,
+        "keepalives_count": _KEEPALIVE_PROBES,
+        "tcp_user_timeout": probe_s * (1 + _KEEPALIVE_PROBES) * 1000,  # milliseconds
+    }
 
 
 class DatabaseUnreachable(BackendError):
@@ -80,10 +122,14 @@ class PostgresPermanentStore:
         self._schema_name = schema
         self._timeout_s = timeout_s
         self._migrate_on_connect = migrate_on_connect
-        self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
+        self._pool: AsyncConnectionPool[Connection] | None = None
         self._schema_ready = False
+        self._left_behind: set[asyncio.Task[Any]] = set()
 
     async def connect(self) -> None:
+        # The URL's own TCP settings, if it has any, win over the derived ones.
+        given = conninfo_to_dict(self._conninfo)
+        tcp = {k: v for k, v in tcp_settings(self._timeout_s).items() if k not in given}
         self._pool = AsyncConnectionPool(
             self._conninfo,
             min_size=1,
@@ -91,11 +137,14 @@ class PostgresPermanentStore:
             open=False,
             timeout=self._timeout_s,
             # A connection broken by an outage is replaced before use, not handed to a write.
+            # (`timeout` bounds the wait for a free connection, not this check: a check on a
+            # connection nobody answers ends with the caller's bound or the TCP settings.)
             check=AsyncConnectionPool.check_connection,
             kwargs={
                 "autocommit": True,
                 "connect_timeout": max(1, int(self._timeout_s)),
                 "options": f"-c statement_timeout={int(self._timeout_s * 1000)}",
+                **tcp,
             },
         )
         # Start even while PostgreSQL is down: sends are then delivered and queued, which is
@@ -128,6 +177,10 @@ class PostgresPermanentStore:
         self._schema_ready = True
 
     async def close(self) -> None:
+        # Interrupted a second time, psycopg closes a connection instead of waiting on it.
+        for task in list(self._left_behind):
+            task.cancel()
+        await asyncio.gather(*self._left_behind, return_exceptions=True)
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -136,33 +189,73 @@ class PostgresPermanentStore:
         return sql.SQL(text).format(schema=self._schema)
 
     @property
-    def _p(self) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
+    def _p(self) -> AsyncConnectionPool[Connection]:
         if self._pool is None:
             raise RuntimeError("PostgresPermanentStore is not connected")
         return self._pool
 
-    async def schema_version(self) -> int:
+    async def _run(self, work: Callable[[Connection], Awaitable[_T]]) -> _T:
+        """``work`` on a pooled connection, in a task of its own that a caller who stops
+        waiting (its bound ran out) leaves behind at once.
+
+        psycopg lets the cancellation of a query through only after asking the server to
+        cancel it and then waiting for the connection, up to 5 s each: through a proxy that
+        stopped forwarding, a call bounded at 0.5 s returned after 10.5 s. The task left behind
+        finishes that on its own and its connection goes back to the pool, or is closed.
+        """
+        task = asyncio.create_task(self._on_connection(work))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.cancel()
+            self._left_behind.add(task)
+            task.add_done_callback(self._forget)
+            raise
+
+    async def _on_connection(self, work: Callable[[Connection], Awaitable[_T]]) -> _T:
         async with self._p.connection() as conn:
-            cur = await conn.execute(
-                "SELECT obj_description(to_regnamespace(%s), 'pg_namespace')", (self._schema_name,)
-            )
-            row = await cur.fetchone()
+            return await work(conn)
+
+    def _forget(self, task: asyncio.Task[Any]) -> None:
+        self._left_behind.discard(task)
+        if not task.cancelled():
+            task.exception()  # its caller has had its timeout already
+
+    async def schema_version(self) -> int:
+        return await self._run(self._read_version)
+
+    async def _read_version(self, conn: Connection) -> int:
+        cur = await conn.execute(
+            "SELECT obj_description(to_regnamespace(%s), 'pg_namespace')", (self._schema_name,)
+        )
+        row = await cur.fetchone()
         comment = row[0] if row else None
         return int(comment.removeprefix("dualwrite schema v")) if comment else 0
 
     async def migrate(self) -> int:
-        """Bring the schema to the current version; safe to run concurrently and repeatedly."""
-        async with self._p.connection() as conn, conn.transaction():
+        """Bring the schema to the current version; safe to run concurrently and repeatedly.
+
+        Returns the version the schema is at (a newer one than this code's is left alone).
+        """
+        return await self._run(self._migrate)
+
+    async def _migrate(self, conn: Connection) -> int:
+        async with conn.transaction():
             # One migrator at a time, across every process sharing the database.
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self._schema_name,))
+            # Rebuilding an index takes as long as the table is big, not one call's bound.
+            await conn.execute("SET LOCAL statement_timeout = 0")
             await conn.execute(self._q("CREATE SCHEMA IF NOT EXISTS {schema}"))
-            for step in _MIGRATIONS:
+            version = await self._read_version(conn)
+            for step in _MIGRATIONS[version:]:
                 await conn.execute(self._q(step))
-            await conn.execute(
-                self._q("COMMENT ON SCHEMA {schema} IS ")
-                + sql.Literal(f"dualwrite schema v{SCHEMA_VERSION}")
-            )
-        return SCHEMA_VERSION
+            if version < SCHEMA_VERSION:
+                version = SCHEMA_VERSION
+                await conn.execute(
+                    self._q("COMMENT ON SCHEMA {schema} IS ")
+                    + sql.Literal(f"dualwrite schema v{SCHEMA_VERSION}")
+                )
+        return version
 
     async def save(self, write: PermanentWrite) -> None:
         await self.save_many([write])
@@ -173,47 +266,60 @@ class PostgresPermanentStore:
         for write in writes:
             for column, value in zip(columns, write.as_row(), strict=True):
                 column.append(value)
+        query = self._q(
+            "INSERT INTO {schema}.messages (workspace_id, channel_id, message_id, "
+            'user_id, user_name, text, "timestamp", created_at) '
+            "SELECT ws, ch, id, uid, uname, body, "
+            f"COALESCE({_FROM_MS.replace('%s', 'sent')}, {_NOW}), {_NOW} "
+            "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
+            "%s::text[], %s::bigint[]) AS t(ws, ch, id, uid, uname, body, sent) "
+            "ON CONFLICT DO NOTHING"
+        )
+
+        async def insert(conn: Connection) -> None:
+            await conn.execute(query, columns)
+
         await self._ensure_schema()
-        async with self._p.connection() as conn:
-            await conn.execute(
-                self._q(
-                    "INSERT INTO {schema}.messages (workspace_id, channel_id, message_id, "
-                    'user_id, user_name, text, "timestamp", created_at) '
-                    "SELECT ws, ch, id, uid, uname, body, "
-                    f"COALESCE({_FROM_MS.replace('%s', 'sent')}, {_NOW}), {_NOW} "
-                    "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
-                    "%s::text[], %s::bigint[]) AS t(ws, ch, id, uid, uname, body, sent) "
-                    "ON CONFLICT DO NOTHING"
-                ),
-                columns,
-            )
+        await self._run(insert)
 
     async def get(self, channel: ChannelRef, message_id: str) -> StoredMessage | None:
+        query = self._q(_SELECT + "WHERE workspace_id = %s AND channel_id = %s AND message_id = %s")
+        params = (channel.workspace_id, channel.channel_id, message_id)
         await self._ensure_schema()
-        async with self._p.connection() as conn:
-            cur = await conn.execute(
-                self._q(
-                    _SELECT + "WHERE workspace_id = %s AND channel_id = %s AND message_id = %s"
-                ),
-                (channel.workspace_id, channel.channel_id, message_id),
-            )
-            row = await cur.fetchone()
-        return _to_message(row) if row else None
+        rows = await self._run(_fetch(query, params))
+        return _to_message(rows[0]) if rows else None
 
     async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:
+        query, params = self._history_query(channel, before, limit)
+        await self._ensure_schema()
+        rows = await self._run(_fetch(query, params))
+        return HistoryPage.from_candidates([_to_message(r) for r in rows], limit)
+
+    def _history_query(
+        self, channel: ChannelRef, before: str | None, limit: int
+    ) -> tuple[sql.Composed, list[object]]:
+        """The statement reading one history page (and one more row, to tell if there is more).
+
+        Ids compare bytewise (`COLLATE "C"`, as the columns since schema v2), so the index on
+        (workspace, channel, timestamp desc, id desc) serves it in order, with no sort.
+        """
         where = "WHERE workspace_id = %s AND channel_id = %s "
         params: list[object] = [channel.workspace_id, channel.channel_id]
         if before is not None:
-            where += f'AND ("timestamp", message_id) < ({_FROM_MS}, %s) '
+            where += f'AND ("timestamp", message_id) < ({_FROM_MS}, %s COLLATE "C") '
             params += list(parse_history_cursor(before))
-        await self._ensure_schema()
-        async with self._p.connection() as conn:
-            cur = await conn.execute(
-                self._q(_SELECT + where + 'ORDER BY "timestamp" DESC, message_id DESC LIMIT %s'),
-                (*params, limit + 1),
-            )
-            rows = await cur.fetchall()
-        return HistoryPage.from_candidates([_to_message(r) for r in rows], limit)
+        order = 'ORDER BY "timestamp" DESC, message_id COLLATE "C" DESC LIMIT %s'
+        return self._q(_SELECT + where + order), [*params, limit + 1]
+
+
+def _fetch(
+    query: sql.Composed, params: Sequence[object]
+) -> Callable[[Connection], Awaitable[list[tuple[Any, ...]]]]:
+    async def fetch(conn: Connection) -> list[tuple[Any, ...]]:
+        cur = await conn.execute(query, params)
+        return await cur.fetchall()
+
+    return fetch
 
 
 def _to_message(row: tuple[Any, ...]) -> StoredMessage:
