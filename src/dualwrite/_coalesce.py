@@ -34,8 +34,8 @@ class Coalescer(Generic[T]):
         commit_many: Callable[[Sequence[T]], Awaitable[None]],
         commit_one: Callable[[T], Awaitable[None]],
         *,
-        max_batch: int = 256,
-        max_in_flight: int = 4,
+        max_batch: int,
+        max_in_flight: int,
         max_wait_s: float = 0.0,
     ) -> None:
         if max_batch < 1 or max_in_flight < 1 or max_wait_s < 0:

@@ -16,6 +16,7 @@ from typing import Any
 
 from dualwrite.backends import BackendContext, create_permanent_store
 from dualwrite.errors import BadSetting, DualWriteError, InvalidInput, SendFailed
+from dualwrite.history import DEFAULT_PAGE_SIZE
 from dualwrite.model import User
 from dualwrite.runtime import open_dualwrite
 from dualwrite.service import DualWrite
@@ -34,6 +35,12 @@ def _backend_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--realtime", metavar="URL", help="realtime tier, e.g. redis://host:6379/0")
     group.add_argument("--store", metavar="URL", help="permanent store, e.g. postgresql://...")
     group.add_argument("--queue", metavar="PATH", help="retry-queue SQLite file")
+
+
+def _port(raw: str) -> int:
+    if not raw.isascii() or not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a TCP port (1-65535)")
+    return int(raw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     history = commands.add_parser("history", help="show a channel, newest first")
     history.add_argument("--workspace", required=True)
     history.add_argument("--channel", required=True)
-    history.add_argument("--limit", type=int, default=50)
+    history.add_argument("--limit", type=int, default=DEFAULT_PAGE_SIZE)
     history.add_argument("--before", help="cursor printed at the end of the previous page")
     history.add_argument("--json", action="store_true", help="one JSON object per line")
     _backend_flags(history)
@@ -77,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the chat server and its page")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument(
         "--fault",
         metavar="realtime=P,permanent=P",
@@ -102,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     _backend_flags(serve)
 
-    token = commands.add_parser("token", help="mint a development bearer token")
+    token = commands.add_parser(
+        "token", help="mint a bearer token for DUALWRITE_TOKEN_SECRET (needs the server extra)"
+    )
     token.add_argument("--user", required=True, help="user id")
     token.add_argument("--name", required=True, help="display name")
     token.add_argument("--workspace", required=True)
@@ -252,7 +261,7 @@ async def _queue_list(dw: DualWrite) -> int:
 async def _serve(args: argparse.Namespace) -> int:
     uvicorn = _needs_extra("uvicorn", "server", "serve")
     from dualwrite.logs import configure
-    from dualwrite.server import create_app
+    from dualwrite.server.app import create_app
 
     configure(verbose=True, json_lines=args.log_json)
     faults = parse_fault_spec(args.fault) if args.fault else {}
@@ -282,8 +291,8 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 async def _token(args: argparse.Namespace) -> int:
-    from dualwrite.server.auth import Identity, TokenSigner
-
+    auth = _needs_extra("dualwrite.server.auth", "server", "token")
+    Identity, TokenSigner = auth.Identity, auth.TokenSigner
     secret = ServerSettings.from_env().token_secret
     if secret is None:
         raise BadSetting("set DUALWRITE_TOKEN_SECRET (the one the server uses) to mint tokens")
@@ -352,7 +361,8 @@ async def _chaos(args: argparse.Namespace) -> int:
 
 async def _migrate(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    store = create_permanent_store(settings.store_url, BackendContext(migrate_on_start=True))
+    context = BackendContext(call_timeout_s=settings.permanent_timeout_s, migrate_on_start=True)
+    store = create_permanent_store(settings.store_url, context)
     await store.connect()
     await store.close()
     print(f"migrated {settings.store_url}")
@@ -413,10 +423,18 @@ async def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# What each extra brings, as the modules a command imports (pyproject.toml lists the packages).
+_EXTRA_MODULES = {
+    "server": ("starlette", "uvicorn", "websockets", "jwt"),
+    "tools": ("starlette", "uvicorn", "websockets", "jwt", "aiohttp", "httpx", "redis", "psycopg"),
+}
+
+
 def _needs_extra(module: str, extra: str, command: str) -> Any:
     """Import what a command needs, or say which extra brings it."""
     try:
-        importlib.import_module("aiohttp" if extra == "tools" else module)
+        for name in _EXTRA_MODULES[extra]:
+            importlib.import_module(name)
         return importlib.import_module(module)
     except ImportError as missing:
         raise BadSetting(

@@ -23,6 +23,9 @@ from dualwrite.model import (
 )
 from dualwrite.ports import PermanentStore, RealtimeTier
 
+DEFAULT_PAGE_SIZE = 50
+"""A page when the caller names no size (the HTTP API, the CLI, the library)."""
+
 _REALTIME_SCAN_LIMIT = 10_000
 _CLOCK_SKEW_MS = 60_000
 

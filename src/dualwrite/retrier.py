@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from dualwrite import metrics
 from dualwrite._calls import bounded
 from dualwrite.clock import Clock
-from dualwrite.errors import NotQueued
 from dualwrite.ports import PermanentStore
 from dualwrite.retry_queue import QueuedWrite, RetryQueue
 
@@ -79,13 +78,6 @@ class Retrier:
         metrics.RETRIES.labels("saved").inc()
         log.info("retry saved: message_id=%s attempts=%d", entry.message_id, entry.attempts + 1)
         return True
-
-    async def retry_message(self, message_id: str) -> bool:
-        """Manual retry of one message, due or not. Raises `NotQueued` if it is not waiting."""
-        entry = await self._queue.find(message_id)
-        if entry is None:
-            raise NotQueued(f"message {message_id} is not waiting in the retry queue")
-        return await self.attempt(entry)
 
     async def retry_all(self) -> RetryReport:
         """Manual retry of every waiting write, due or not, oldest first."""

@@ -79,7 +79,7 @@ class RetryQueue:
         found = await self._db.call(_select, "WHERE message_id = ? LIMIT 1", message_id)
         return found[0] if found else None
 
-    async def entries(self, limit: int = 1000, user_id: str | None = None) -> list[QueuedWrite]:
+    async def entries(self, limit: int, user_id: str | None = None) -> list[QueuedWrite]:
         """Waiting entries in the order they were queued, optionally of one user only."""
         if user_id is None:
             return await self._db.call(_select, "ORDER BY enqueued_at, message_id LIMIT ?", limit)

@@ -13,7 +13,14 @@ from dualwrite import history
 from dualwrite._calls import bounded
 from dualwrite.clock import Clock
 from dualwrite.errors import BackendError, InvalidInput
-from dualwrite.model import ChannelHistory, RealtimeMessage, SendResult, SendStatus, User
+from dualwrite.model import (
+    ChannelHistory,
+    ChannelRef,
+    RealtimeMessage,
+    SendResult,
+    SendStatus,
+    User,
+)
 from dualwrite.ports import PermanentStore, RealtimeTier
 from dualwrite.reconciler import Reconciler, ReconcileReport
 from dualwrite.recovery import Inspection, ManualRecovery
@@ -93,10 +100,7 @@ class DualWrite:
         here nor saved is rebuilt from its realtime entry (else `MessageNotFound`).
         """
         check_id("messageId", message_id)
-        channel = None
-        if workspace_id is not None or channel_id is not None:
-            channel = check_channel(workspace_id, channel_id)
-        return await self._recovery.retry(message_id, channel)
+        return await self._recovery.retry(message_id, _channel_if_given(workspace_id, channel_id))
 
     async def retry_all(self) -> RetryReport:
         """Manual retry of every queued permanent write."""
@@ -111,13 +115,19 @@ class DualWrite:
         return await self._queue.count()
 
     async def history(
-        self, workspace_id: str, channel_id: str, before: str | None = None, limit: int = 50
+        self,
+        workspace_id: str,
+        channel_id: str,
+        before: str | None = None,
+        limit: int = history.DEFAULT_PAGE_SIZE,
     ) -> ChannelHistory:
         """A page of the channel, newest first: see `dualwrite.history`.
 
         Raises `BackendError` if a tier does not answer (within its timeout).
         """
         channel = check_channel(workspace_id, channel_id)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidInput("limit", "must be a whole number of at least 1")
         try:
             return await bounded(
                 history.read_page(self._realtime, self._store, channel, before, limit),
@@ -147,10 +157,7 @@ class DualWrite:
     ) -> Inspection:
         """One message as each place holds it (the realtime tier, the store, the queue)."""
         check_id("messageId", message_id)
-        channel = None
-        if workspace_id is not None and channel_id is not None:
-            channel = check_channel(workspace_id, channel_id)
-        return await self._recovery.inspect(message_id, channel)
+        return await self._recovery.inspect(message_id, _channel_if_given(workspace_id, channel_id))
 
     async def reconcile(self) -> ReconcileReport:
         """Save delivered messages older than the grace period that are neither saved nor
@@ -160,3 +167,10 @@ class DualWrite:
     async def sweep(self) -> int:
         """Delete expired realtime entries now; returns how many."""
         return await self._realtime.sweep_expired(self._clock.now_ms())
+
+
+def _channel_if_given(workspace_id: str | None, channel_id: str | None) -> ChannelRef | None:
+    """The channel when either part is given (both must then be valid), else None."""
+    if workspace_id is None and channel_id is None:
+        return None
+    return check_channel(workspace_id, channel_id)

@@ -7,7 +7,9 @@ of their own.
 
 from __future__ import annotations
 
+import math
 import os
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar, TypeVar
@@ -31,24 +33,32 @@ class _FromEnv:
         ``overrides`` whose value is None are ignored, so CLI flags can be passed as they are.
         """
         env = os.environ if environ is None else environ
+        hints = typing.get_type_hints(cls)
         values: dict[str, Any] = {}
         for f in fields(cls):  # type: ignore[arg-type]
-            name = cls._ENV_NAMES.get(f.name, f"{cls._ENV_PREFIX}{f.name.upper()}")
+            name = cls.env_name(f.name)
             if name in env:
-                values[f.name] = _parse(name, env[name], str(f.type))
+                parsed = _parse(name, env[name], hints[f.name])
+                if parsed is not _UNSET:
+                    values[f.name] = parsed
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = replace(cls(), **values)  # type: ignore[type-var]
         settings.check()
         return settings
 
+    @classmethod
+    def env_name(cls, field_name: str) -> str:
+        """The environment variable that sets ``field_name``."""
+        return cls._ENV_NAMES.get(field_name, f"{cls._ENV_PREFIX}{field_name.upper()}")
+
     def check(self) -> None:
         """Raise `BadSetting` for a value that cannot be used."""
 
-
-def _positive(settings: object, *names: str) -> None:
-    for name in names:
-        if getattr(settings, name) <= 0:
-            raise BadSetting(f"{name} must be positive")
+    def _positive(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise BadSetting(f"{self.env_name(name)} must be a positive number, not {value}")
 
 
 @dataclass(frozen=True)
@@ -91,8 +101,7 @@ class Settings(_FromEnv):
     """Development only: the probability that a permanent-store call fails on purpose."""
 
     def check(self) -> None:
-        _positive(
-            self,
+        self._positive(
             "realtime_timeout_s",
             "permanent_timeout_s",
             "retry_base_s",
@@ -104,11 +113,10 @@ class Settings(_FromEnv):
         )
         for name in ("fault_realtime", "fault_permanent"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise BadSetting(f"{name} must be a probability from 0 to 1")
-        if self.group_max_batch < 1 or self.group_max_in_flight < 1 or self.group_max_wait_ms < 0:
-            raise BadSetting("group commit needs max_batch >= 1, max_in_flight >= 1, wait >= 0")
-        if self.max_text_chars < 1:
-            raise BadSetting("max_text_chars must be at least 1")
+                raise BadSetting(f"{self.env_name(name)} must be a probability from 0 to 1")
+        self._positive("group_max_batch", "group_max_in_flight", "max_text_chars")
+        if not (math.isfinite(self.group_max_wait_ms) and self.group_max_wait_ms >= 0):
+            raise BadSetting(f"{self.env_name('group_max_wait_ms')} must be 0 or more")
 
 
 @dataclass(frozen=True)
@@ -130,11 +138,13 @@ class ServerSettings(_FromEnv):
     """A socket that has not sent its token by then is closed."""
 
     def check(self) -> None:
+        # An empty secret is refused, not taken as unset: it would turn dev sign-in on.
         if self.token_secret is not None and len(self.token_secret) < 32:
-            raise BadSetting("DUALWRITE_TOKEN_SECRET must be at least 32 characters")
-        if self.send_rate_per_s < 0:
-            raise BadSetting("send_rate_per_s must be 0 (off) or positive")
-        _positive(self, "max_history", "max_body_bytes", "ws_auth_timeout_s")
+            raise BadSetting(f"{self.env_name('token_secret')} must be at least 32 characters")
+        rate = self.send_rate_per_s
+        if not (math.isfinite(rate) and 0 <= rate <= 1_000_000):
+            raise BadSetting(f"{self.env_name('send_rate_per_s')} must be 0 (off) or a rate")
+        self._positive("max_history", "max_body_bytes", "ws_auth_timeout_s")
 
     @property
     def send_burst(self) -> int:
@@ -168,15 +178,26 @@ def parse_fault_spec(spec: str) -> dict[str, float]:
     return faults
 
 
-def _parse(name: str, raw: str, annotation: str) -> object:
-    kind = annotation.partition(" ")[0]
-    if kind == "bool":
-        return raw.lower() in ("1", "true", "yes", "on")
+_UNSET = object()
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _parse(name: str, raw: str, annotation: Any) -> object:
+    """``raw`` as the field's type. Empty means unset, except where the field may be None (an
+    empty `DUALWRITE_TOKEN_SECRET` must be refused, never read as "no secret")."""
+    kinds = set(typing.get_args(annotation)) or {annotation}
+    if raw == "" and type(None) not in kinds:
+        return _UNSET
+    if bool in kinds:
+        if raw.lower() not in _TRUE + _FALSE:
+            raise BadSetting(f"{name}={raw!r}: use one of {', '.join(_TRUE + _FALSE)}")
+        return raw.lower() in _TRUE
     try:
-        if kind == "int":
+        if int in kinds:
             return int(raw)
-        if kind == "float":
+        if float in kinds:
             return float(raw)
     except ValueError:
         raise BadSetting(f"{name}={raw!r} is not a number") from None
-    return raw or None
+    return raw

@@ -11,7 +11,7 @@ from dualwrite.backends import create_permanent_store, create_realtime_tier
 from dualwrite.faults import Faults, FaultyPermanentStore, FaultyRealtimeTier
 from dualwrite.model import User
 from dualwrite.runtime import open_dualwrite
-from dualwrite.server import create_app
+from dualwrite.server.app import create_app
 from dualwrite.server.auth import Identity, TokenSigner
 from dualwrite.settings import ServerSettings, Settings
 from tests.support.servers import serving

@@ -10,11 +10,12 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from dualwrite.clock import Clock, SystemClock
-from dualwrite.errors import UnknownBackend
+from dualwrite.errors import BadSetting, UnknownBackend
+from dualwrite.settings import Settings
 
 if TYPE_CHECKING:
     from dualwrite.ports import PermanentStore, RealtimeTier
@@ -25,11 +26,19 @@ class BackendContext:
     """What every backend may need besides its URL."""
 
     clock: Clock = field(default_factory=SystemClock)
-    call_timeout_s: float = 5.0
+    call_timeout_s: float = field(default_factory=lambda: Settings().permanent_timeout_s)
     """Upper bound for one backend call; drivers that take a timeout are given this one."""
     migrate_on_start: bool = False
     """Stores with a schema (PostgreSQL) create or upgrade it when they connect."""
 
+
+# The extra (pyproject.toml) that brings each backend's driver.
+_EXTRAS = {
+    "redis": "redis",
+    "postgres": "postgres",
+    "firebase": "firebase",
+    "firestore": "firebase",
+}
 
 REALTIME_BACKENDS: dict[str, str] = {
     "memory": "dualwrite.backends.realtime.memory",
@@ -47,17 +56,24 @@ PERMANENT_BACKENDS: dict[str, str] = {
 }
 
 
-def _module_for(url: str, table: dict[str, str], kind: str) -> str:
+def _module_for(url: str, table: dict[str, str], kind: str) -> Any:
     scheme = urlsplit(url).scheme
     if scheme not in table:
         known = ", ".join(f"{s}://" for s in sorted(table))
         raise UnknownBackend(f"no {kind} backend for {url!r}; known schemes: {known}")
-    return table[scheme]
+    try:
+        return importlib.import_module(table[scheme])
+    except ImportError as missing:
+        extra = _EXTRAS.get(table[scheme].rpartition(".")[2], "all")
+        raise BadSetting(
+            f"{scheme}:// needs the {extra} extra: pip install 'dualwrite[{extra}]' "
+            f"({missing.name} is missing)"
+        ) from None
 
 
 def create_realtime_tier(url: str, context: BackendContext | None = None) -> RealtimeTier:
     """Build (without connecting) the realtime tier that ``url`` names."""
-    module = importlib.import_module(_module_for(url, REALTIME_BACKENDS, "realtime"))
+    module = _module_for(url, REALTIME_BACKENDS, "realtime")
     # Each module's `create` is annotated to return the Protocol, so mypy checks the backend.
     factory: Callable[[str, BackendContext], RealtimeTier] = module.create
     return factory(url, context or BackendContext())
@@ -65,6 +81,6 @@ def create_realtime_tier(url: str, context: BackendContext | None = None) -> Rea
 
 def create_permanent_store(url: str, context: BackendContext | None = None) -> PermanentStore:
     """Build (without connecting) the permanent store that ``url`` names."""
-    module = importlib.import_module(_module_for(url, PERMANENT_BACKENDS, "permanent store"))
+    module = _module_for(url, PERMANENT_BACKENDS, "permanent store")
     factory: Callable[[str, BackendContext], PermanentStore] = module.create
     return factory(url, context or BackendContext())

@@ -1,5 +1,2 @@
-"""The chat server: `create_app` builds the ASGI app, `dualwrite serve` runs it."""
-
-from dualwrite.server.app import create_app
-
-__all__ = ["create_app"]
+"""The chat server: `dualwrite.server.app.create_app` builds the ASGI app, `dualwrite serve`
+runs it. Nothing is imported here, so `dualwrite.server.auth` loads without Starlette."""

@@ -20,6 +20,7 @@ from dualwrite.errors import (
     SendFailed,
     TextTooLong,
 )
+from dualwrite.history import DEFAULT_PAGE_SIZE
 from dualwrite.model import ChannelRef, User
 from dualwrite.server.auth import Identity, Unauthorized, bearer_token
 from dualwrite.server.ratelimit import retry_after_header
@@ -126,7 +127,7 @@ async def history(request: Request, identity: Identity) -> Response:
     channel = channel_of(request, identity)
     state = server_state(request)
     most = state.settings.max_history
-    raw_limit = request.query_params.get("limit", "50")
+    raw_limit = request.query_params.get("limit", str(DEFAULT_PAGE_SIZE))
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= most:
         raise InvalidInput("limit", f"must be a whole number from 1 to {most}")
     page = await state.dw.history(
