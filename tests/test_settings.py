@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from dualwrite.errors import BadSetting
-from dualwrite.settings import Settings, redact_url
+from dualwrite.redact import redact_url
+from dualwrite.settings import Settings
 
 
 def test_environment_variables_configure_every_field() -> None:

@@ -116,6 +116,11 @@ class FaultyRealtimeTier:
         await self.faults.check("claim_send")
         return await self.inner.claim_send(key, claim, ttl_ms)
 
+    async def take_tokens(self, key: str, cost: float, rate_per_s: float, burst: float) -> float:
+        # Not a fault point: injected faults target the message path (`fail(times=1)` means
+        # "the next write"), and a rate limit whose tier fails is skipped anyway.
+        return await self.inner.take_tokens(key, cost, rate_per_s, burst)
+
 
 class FaultyPermanentStore:
     """A `PermanentStore` that consults ``faults`` before every call to ``inner``.

@@ -80,6 +80,16 @@ class RealtimeTier(Protocol):
         """
         ...
 
+    async def take_tokens(self, key: str, cost: float, rate_per_s: float, burst: float) -> float:
+        """Take ``cost`` tokens from the bucket ``key`` (refilled at ``rate_per_s`` up to
+        ``burst``, full when new): 0.0 if taken, else the seconds until they could be (and
+        nothing is taken).
+
+        Atomic and shared across processes sharing the tier (rate limits hold per user, not
+        per process); a bucket is forgotten once it would be full again.
+        """
+        ...
+
 
 class PermanentStore(Protocol):
     """Permanent history, at `workspaces/{ws}/channels/{ch}/messages/{id}`."""

@@ -160,3 +160,20 @@ class DualWrite:
     async def sweep(self) -> int:
         """Delete expired realtime entries now; returns how many."""
         return await self._realtime.sweep_expired(self._clock.now_ms())
+
+    async def take_tokens(self, key: str, cost: float, rate_per_s: float, burst: float) -> float:
+        """A rate limit shared by every process on the realtime tier: 0.0 if ``cost`` was
+        taken from bucket ``key``, else the seconds to wait (see `RealtimeTier.take_tokens`).
+
+        Raises `BackendError` if the tier does not answer in time.
+        """
+        try:
+            return await bounded(
+                self._realtime.take_tokens(key, cost, rate_per_s, burst),
+                self.settings.realtime_timeout_s,
+                "rate limit",
+            )
+        except BackendError:
+            raise
+        except Exception as error:
+            raise BackendError(f"rate limit is unavailable: {error!r}") from error

@@ -176,3 +176,42 @@ async def test_an_expired_claim_no_longer_binds_its_key(
     await realtime.sweep_expired(clock.now_ms())
     second = SendClaim("-second", 2, "f2")
     assert await realtime.claim_send(key, second, 1000) == second
+
+
+async def test_take_tokens_allows_a_burst_then_says_how_long_to_wait(
+    realtime: RealtimeTier, realtime_kind: str
+) -> None:
+    needs(realtime_kind, "transaction")
+    key, other = unique("limit"), unique("limit")
+    # One token an hour: nothing refills while the test runs, whatever clock the tier uses.
+    rate = 1 / 3600
+    assert await realtime.take_tokens(key, 1, rate, 2) == 0.0
+    assert await realtime.take_tokens(key, 1, rate, 2) == 0.0
+    wait = await realtime.take_tokens(key, 1, rate, 2)
+    assert 3000 < wait <= 3600
+    assert await realtime.take_tokens(other, 2, rate, 2) == 0.0, "buckets are per key"
+    assert await realtime.take_tokens(other, 1, rate, 2) > 0
+
+
+async def test_take_tokens_refuses_what_does_not_fit_without_taking_it(
+    realtime: RealtimeTier, realtime_kind: str
+) -> None:
+    needs(realtime_kind, "transaction")
+    key = unique("limit")
+    rate = 1 / 3600
+    assert await realtime.take_tokens(key, 8, rate, 10) == 0.0
+    assert await realtime.take_tokens(key, 5, rate, 10) > 0, "2 left, 5 asked"
+    assert await realtime.take_tokens(key, 2, rate, 10) == 0.0, "the refused 5 took nothing"
+
+
+async def test_take_tokens_refills_with_time(
+    realtime: RealtimeTier, realtime_kind: str, clock: ManualClock
+) -> None:
+    needs(realtime_kind, "transaction")
+    if realtime_kind == "redis":
+        pytest.skip("Redis refills by its own clock (TIME), which the test clock cannot move")
+    key = unique("limit")
+    assert await realtime.take_tokens(key, 1, 1.0, 1) == 0.0
+    assert await realtime.take_tokens(key, 1, 1.0, 1) == pytest.approx(1.0, abs=0.01)
+    clock.advance(1000)
+    assert await realtime.take_tokens(key, 1, 1.0, 1) == 0.0

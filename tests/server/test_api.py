@@ -11,7 +11,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from tests.server.conftest import SECRET, Api
+from tests.server.conftest import METRICS_TOKEN, SECRET, Api
 
 MESSAGES = "/api/workspaces/acme/channels/general/messages"
 
@@ -221,7 +221,9 @@ def test_dev_sign_in_mints_a_working_token(api: Api) -> None:
 
 def test_metrics_openapi_page_and_health(api: Api) -> None:
     api.client.post(MESSAGES, headers=api.auth(), json={"text": "count me"})
-    metrics = api.client.get("/metrics").text
+    assert api.client.get("/metrics").status_code == 401, "behind its bearer token"
+    bearer = {"authorization": f"Bearer {METRICS_TOKEN}"}
+    metrics = api.client.get("/metrics", headers=bearer).text
     for name in (
         "dualwrite_sends_total",
         "dualwrite_realtime_write_seconds_bucket",

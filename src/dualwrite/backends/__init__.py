@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from dualwrite.clock import Clock, SystemClock
 from dualwrite.errors import UnknownBackend
+from dualwrite.settings import Settings
 
 if TYPE_CHECKING:
     from dualwrite.ports import PermanentStore, RealtimeTier
@@ -29,6 +30,10 @@ class BackendContext:
     """Upper bound for one backend call; drivers that take a timeout are given this one."""
     migrate_on_start: bool = False
     """Stores with a schema (PostgreSQL) create or upgrade it when they connect."""
+    memory_max_bytes: int = Settings.memory_max_bytes
+    """The `memory://` realtime tier refuses writes past this many bytes held."""
+    memory_max_claims: int = Settings.memory_max_claims
+    """The `memory://` realtime tier refuses idempotency keys past this many held."""
 
 
 REALTIME_BACKENDS: dict[str, str] = {

@@ -1,47 +1,56 @@
-"""Per-user send rate limit: a token bucket per (workspace, user), in this process."""
+"""The server's rate limits, each a token bucket kept in the realtime tier.
+
+On a shared tier (Redis, Firebase) every process takes from the same buckets, so a user's
+limit holds however many processes serve them; on `memory://` (one process) they live in it.
+Users are keyed by workspace and user id, sign-ins by client address.
+"""
 
 from __future__ import annotations
 
+import logging
 import math
-import time
-from collections.abc import Callable
+from enum import Enum
+
+from dualwrite.errors import BackendError
+from dualwrite.service import DualWrite
+from dualwrite.settings import ServerSettings
+
+log = logging.getLogger(__name__)
 
 
-class RateLimiter:
-    """``rate_per_s`` sends a second on average, bursts of up to ``burst``; 0 turns it off."""
+class Limit(Enum):
+    """A kind of request, with the `ServerSettings` field of its rate and its burst factor."""
 
-    def __init__(
-        self,
-        rate_per_s: float,
-        burst: int,
-        now: Callable[[], float] = time.monotonic,
-        max_keys: int = 100_000,
-    ) -> None:
-        self.rate = rate_per_s
-        self.burst = max(1, burst)
-        self._now = now
-        self._max_keys = max_keys
-        self._buckets: dict[tuple[str, str], tuple[float, float]] = {}
+    SEND = ("send_rate_per_s", 2)
+    SEND_BYTES = ("send_bytes_per_s", 8)
+    CHANNEL_BYTES = ("channel_bytes_per_s", 8)
+    HISTORY = ("read_rate_per_s", 2)
+    PERSIST = ("read_rate_per_s", 2)
+    CONNECT = ("read_rate_per_s", 2)
+    SIGN_IN = ("sign_in_rate_per_s", 10)
 
-    def acquire(self, key: tuple[str, str]) -> float:
-        """Take one token: 0.0 if allowed, else the seconds until one is free."""
-        if self.rate <= 0:
+
+class RateLimits:
+    def __init__(self, settings: ServerSettings) -> None:
+        self._settings = settings
+
+    async def wait_s(self, dw: DualWrite, limit: Limit, subject: str, cost: float = 1) -> float:
+        """0.0 if ``subject`` may go on (``cost`` taken), else the seconds to wait.
+
+        If the tier does not answer, the request goes on (logged): the call it guards needs
+        that tier or the store, and answers for itself.
+        """
+        field, burst_factor = limit.value
+        rate = float(getattr(self._settings, field))
+        if rate <= 0:
             return 0.0
-        now = self._now()
-        tokens, stamp = self._buckets.get(key, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - stamp) * self.rate)
-        if tokens >= 1:
-            self._buckets[key] = (tokens - 1, now)
-            if len(self._buckets) > self._max_keys:
-                self._forget_full(now)
+        burst = max(1.0, rate * burst_factor)
+        key = f"{limit.name.lower()}:{subject}"
+        try:
+            return await dw.take_tokens(key, min(cost, burst), rate, burst)
+        except BackendError as error:
+            log.warning("rate limit unavailable, not applied: limit=%s error=%s", limit.name, error)
             return 0.0
-        self._buckets[key] = (tokens, now)
-        return (1 - tokens) / self.rate
-
-    def _forget_full(self, now: float) -> None:
-        # Buckets that have refilled completely hold no information.
-        refill_s = self.burst / self.rate
-        self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < refill_s}
 
 
 def retry_after_header(wait_s: float) -> str:

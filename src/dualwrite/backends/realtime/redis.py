@@ -39,6 +39,22 @@ redis.call('PEXPIRE', KEYS[3], ARGV[5])
 return sid
 """
 
+# A token bucket in a hash {tokens, stamp}, on Redis's clock, forgotten once it would be full.
+_TAKE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local cost, rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local held = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+local tokens = tonumber(held[1]) or burst
+local stamp = tonumber(held[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate)
+local wait = 0
+if tokens >= cost then tokens = tokens - cost else wait = (cost - tokens) / rate end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'stamp', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
+return tostring(wait)
+"""
+
 _BLOCK_MS = 1000
 
 
@@ -54,6 +70,7 @@ class RedisRealtimeTier:
         self._redis: aioredis.Redis | None = None
         self._listen_redis: aioredis.Redis | None = None
         self._write_script: Any = None
+        self._take_script: Any = None
         self._writes: Coalescer[tuple[ChannelRef, RealtimeMessage]] = Coalescer(
             self._write_many, self._write_one, max_batch=256, max_in_flight=8
         )
@@ -75,6 +92,7 @@ class RedisRealtimeTier:
         # never starve the writes.
         self._listen_redis = aioredis.Redis.from_url(self._url, **options)
         self._write_script = self._redis.register_script(_WRITE)
+        self._take_script = self._redis.register_script(_TAKE)
         await self._redis.script_load(_WRITE)
 
     async def close(self) -> None:
@@ -219,6 +237,12 @@ class RedisRealtimeTier:
             return claim
         message_id, timestamp, fingerprint = json.loads(held)
         return SendClaim(message_id, int(timestamp), fingerprint)
+
+    async def take_tokens(self, key: str, cost: float, rate_per_s: float, burst: float) -> float:
+        wait = await self._take_script(
+            keys=[f"{self._prefix}limit:{key}"], args=[repr(cost), repr(rate_per_s), repr(burst)]
+        )
+        return float(wait)
 
 
 def create(url: str, context: BackendContext) -> RealtimeTier:
