@@ -51,7 +51,8 @@ def redact_url(url: str) -> str:
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
         if any(k.lower() in _SECRET_PARAMS for k, _ in pairs):
-            query = urlencode([(k, MASK if k.lower() in _SECRET_PARAMS else v) for k, v in pairs])
+            masked = [(k, MASK if k.lower() in _SECRET_PARAMS else v) for k, v in pairs]
+            query = urlencode(masked, safe="*")
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 

@@ -44,7 +44,20 @@ def report_permanent_failure(write: PermanentWrite, error: BaseException) -> Non
 def sentry_options() -> dict[str, Any]:
     """The options every `sentry_sdk.init` of dualwrite uses (besides the DSN)."""
     return {
-        "send_default_pii": False,
+        # sentry-sdk's structured successor of send_default_pii=False, stricter: no user, no
+        # cookies, no query parameters, no bodies, no stack locals (they hold message text).
+        "data_collection": {
+            "user_info": False,
+            "cookies": {"mode": "off"},
+            "http_headers": {"request": {"mode": "denylist"}},
+            "http_bodies": [],
+            "url_query_params": {"mode": "off"},
+            "graphql": {"document": False, "variables": False},
+            "gen_ai": {"inputs": False, "outputs": False},
+            "database_query_data": False,
+            "queues": False,
+            "stack_frame_variables": False,
+        },
         "include_local_variables": False,
         "max_request_body_size": "never",
         "before_send": scrub_event,

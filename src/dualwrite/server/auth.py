@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -13,6 +14,8 @@ import jwt
 from dualwrite.model import User
 from dualwrite.settings import ServerSettings
 from dualwrite.validation import check_id, check_user
+
+log = logging.getLogger(__name__)
 
 ALGORITHM = "HS256"
 # Clock skew tolerated between servers on `iat`/`exp`.
@@ -134,6 +137,11 @@ class FirebaseIdTokens:
             claims = auth.verify_id_token(token, app=self._app)
         except (ValueError, auth.InvalidIdTokenError, auth.CertificateFetchError) as error:
             raise Unauthorized(f"not a valid Firebase ID token: {error}") from None
+        except Exception as error:
+            # A server-side problem (no Google credentials, ...): the caller is not signed in,
+            # and the operator reads why in the log; never a 500 with a traceback.
+            log.error("cannot verify Firebase ID tokens: %r", error)
+            raise Unauthorized("Firebase ID tokens cannot be verified now") from None
         # The emulator path skips expiry checks; never accept an expired token.
         expires_at = _bounded_expiry(claims, self._max_lifetime_s)
         workspace = claims.get("workspaceId")

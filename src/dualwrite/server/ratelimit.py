@@ -19,15 +19,17 @@ log = logging.getLogger(__name__)
 
 
 class Limit(Enum):
-    """A kind of request, with the `ServerSettings` field of its rate and its burst factor."""
+    """A kind of request: the `ServerSettings` field of its rate, and its burst in seconds of
+    that rate (and in requests at the least)."""
 
-    SEND = ("send_rate_per_s", 2)
-    SEND_BYTES = ("send_bytes_per_s", 8)
-    CHANNEL_BYTES = ("channel_bytes_per_s", 8)
-    HISTORY = ("read_rate_per_s", 2)
-    PERSIST = ("read_rate_per_s", 2)
-    CONNECT = ("read_rate_per_s", 2)
-    SIGN_IN = ("sign_in_rate_per_s", 10)
+    # The first element names the bucket (and keeps members with one rate distinct).
+    SEND = ("send", "send_rate_per_s", 2)
+    SEND_BYTES = ("send_bytes", "send_bytes_per_s", 8)
+    CHANNEL_BYTES = ("channel_bytes", "channel_bytes_per_s", 8)
+    HISTORY = ("history", "read_rate_per_s", 2)
+    PERSIST = ("persist", "read_rate_per_s", 2)
+    CONNECT = ("connect", "read_rate_per_s", 2)
+    SIGN_IN = ("sign_in", "sign_in_rate_per_s", 10)
 
 
 class RateLimits:
@@ -40,12 +42,13 @@ class RateLimits:
         If the tier does not answer, the request goes on (logged): the call it guards needs
         that tier or the store, and answers for itself.
         """
-        field, burst_factor = limit.value
+        bucket, field, burst_factor = limit.value
         rate = float(getattr(self._settings, field))
         if rate <= 0:
             return 0.0
-        burst = max(1.0, rate * burst_factor)
-        key = f"{limit.name.lower()}:{subject}"
+        # At least `burst_factor` requests, however low the rate.
+        burst = max(float(burst_factor), rate * burst_factor)
+        key = f"{bucket}:{subject}"
         try:
             return await dw.take_tokens(key, min(cost, burst), rate, burst)
         except BackendError as error:
