@@ -7,14 +7,14 @@ the background). Get one from `dualwrite.open_dualwrite`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from dualwrite import history
 from dualwrite._calls import bounded
 from dualwrite.clock import Clock
 from dualwrite.errors import BackendError, InvalidInput
 from dualwrite.model import ChannelHistory, RealtimeMessage, SendResult, SendStatus, User
-from dualwrite.ports import PermanentStore, RealtimeTier
+from dualwrite.ports import PermanentStore, RealtimeTier, TokenRequest
 from dualwrite.reconciler import Reconciler, ReconcileReport
 from dualwrite.recovery import Inspection, ManualRecovery
 from dualwrite.retrier import Backoff, Retrier, RetryReport
@@ -161,15 +161,15 @@ class DualWrite:
         """Delete expired realtime entries now; returns how many."""
         return await self._realtime.sweep_expired(self._clock.now_ms())
 
-    async def take_tokens(self, key: str, cost: float, rate_per_s: float, burst: float) -> float:
-        """A rate limit shared by every process on the realtime tier: 0.0 if ``cost`` was
-        taken from bucket ``key``, else the seconds to wait (see `RealtimeTier.take_tokens`).
+    async def take_tokens(self, requests: Sequence[TokenRequest]) -> float:
+        """Rate limits shared by every process on the realtime tier: 0.0 if every bucket had
+        its cost (now taken), else the seconds to wait (see `RealtimeTier.take_tokens`).
 
         Raises `BackendError` if the tier does not answer in time.
         """
         try:
             return await bounded(
-                self._realtime.take_tokens(key, cost, rate_per_s, burst),
+                self._realtime.take_tokens(requests),
                 self.settings.realtime_timeout_s,
                 "rate limit",
             )

@@ -23,7 +23,7 @@ from dualwrite.errors import (
 )
 from dualwrite.model import ChannelMessage, ChannelRef, User, history_cursor
 from dualwrite.server.auth import Identity, Unauthorized, bearer_token
-from dualwrite.server.ratelimit import Limit, retry_after_header
+from dualwrite.server.ratelimit import Charge, Limit, retry_after_header
 from dualwrite.server.state import server_state
 from dualwrite.validation import check_channel, check_id
 
@@ -72,10 +72,10 @@ def api_endpoint(handler: AuthenticatedHandler) -> Handler:
     return endpoint
 
 
-async def rate_limit(request: Request, limit: Limit, subject: str, cost: float = 1) -> None:
-    """Raise a 429 (with `Retry-After`) if ``subject`` is over ``limit``."""
+async def rate_limit(request: Request, *charges: Charge) -> None:
+    """Raise a 429 (with `Retry-After`) if a charge is over its limit."""
     state = server_state(request)
-    wait_s = await state.limits.wait_s(state.dw, limit, subject, cost)
+    wait_s = await state.limits.wait_s(state.dw, *charges)
     if wait_s:
         raise ApiError(
             429,
@@ -100,15 +100,15 @@ async def send(request: Request, identity: Identity) -> Response:
     """`POST .../messages`: 201 saved, 202 pending (with the warning), 503 failed to send."""
     channel = channel_of(request, identity)
     state = server_state(request)
-    await rate_limit(request, Limit.SEND, user_key(identity))
     body = await json_body(request, state.settings.max_body_bytes)
     text = body.get("text")
-    if isinstance(text, str):
-        size = len(text.encode("utf-8", "surrogatepass"))
-        await rate_limit(request, Limit.SEND_BYTES, user_key(identity), size)
-        await rate_limit(
-            request, Limit.CHANNEL_BYTES, f"{channel.workspace_id}/{channel.channel_id}", size
-        )
+    size = len(text.encode("utf-8", "surrogatepass")) if isinstance(text, str) else 0
+    await rate_limit(
+        request,
+        (Limit.SEND, user_key(identity), 1),
+        (Limit.SEND_BYTES, user_key(identity), size),
+        (Limit.CHANNEL_BYTES, f"{channel.workspace_id}/{channel.channel_id}", size),
+    )
     client_message_id = body.get("clientMessageId")
     if client_message_id is not None and not isinstance(client_message_id, str):
         raise InvalidInput("clientMessageId", "must be a string")
@@ -156,7 +156,7 @@ async def history(request: Request, identity: Identity) -> Response:
     # ASCII digits only, and few: "²".isdigit() is True, and int() refuses 5,000 digits.
     if not _LIMIT.fullmatch(raw_limit) or not 1 <= int(raw_limit) <= most:
         raise InvalidInput("limit", f"must be a whole number from 1 to {most}")
-    await rate_limit(request, Limit.HISTORY, user_key(identity))
+    await rate_limit(request, (Limit.HISTORY, user_key(identity), 1))
     page = await state.dw.history(
         channel.workspace_id,
         channel.channel_id,
@@ -189,7 +189,7 @@ async def retry(request: Request, identity: Identity) -> Response:
     """`POST .../messages/{id}/persist`: the manual retry, with the same id."""
     channel = channel_of(request, identity)
     message_id = check_id("messageId", request.path_params["id"])
-    await rate_limit(request, Limit.PERSIST, user_key(identity))
+    await rate_limit(request, (Limit.PERSIST, user_key(identity), 1))
     try:
         status = await server_state(request).dw.retry(
             message_id, channel.workspace_id, channel.channel_id
@@ -227,7 +227,7 @@ async def queue(request: Request, identity: Identity) -> Response:
 
 async def renew(request: Request, identity: Identity) -> Response:
     """`POST /api/auth/renew`: a fresh token for the caller, before theirs expires."""
-    await rate_limit(request, Limit.SIGN_IN, user_key(identity))
+    await rate_limit(request, (Limit.SIGN_IN, user_key(identity), 1))
     token, expires_at_ms = server_state(request).signer.issue(
         Identity(identity.user, identity.workspace_id)
     )
@@ -239,7 +239,7 @@ async def dev_token(request: Request) -> Response:
     state = server_state(request)
     try:
         client = request.client.host if request.client else "unknown"
-        await rate_limit(request, Limit.SIGN_IN, client)
+        await rate_limit(request, (Limit.SIGN_IN, client, 1))
         body = await json_body(request, state.settings.max_body_bytes)
         identity = Identity(
             User(str(body.get("userId", "")), str(body.get("userName", ""))),

@@ -12,6 +12,7 @@ import math
 from enum import Enum
 
 from dualwrite.errors import BackendError
+from dualwrite.ports import TokenRequest
 from dualwrite.service import DualWrite
 from dualwrite.settings import ServerSettings
 
@@ -32,28 +33,38 @@ class Limit(Enum):
     SIGN_IN = ("sign_in", "sign_in_rate_per_s", 10)
 
 
+Charge = tuple[Limit, str, float]
+"""A limit, the subject it counts (a user, a channel, an address), and the request's cost."""
+
+
 class RateLimits:
     def __init__(self, settings: ServerSettings) -> None:
         self._settings = settings
 
-    async def wait_s(self, dw: DualWrite, limit: Limit, subject: str, cost: float = 1) -> float:
-        """0.0 if ``subject`` may go on (``cost`` taken), else the seconds to wait.
+    async def wait_s(self, dw: DualWrite, *charges: Charge) -> float:
+        """0.0 if every charge fits its limit (and is taken, in one call to the tier), else
+        the seconds to wait.
 
         If the tier does not answer, the request goes on (logged): the call it guards needs
         that tier or the store, and answers for itself.
         """
+        requests = [r for r in (self._request(*c) for c in charges) if r is not None]
+        if not requests:
+            return 0.0
+        try:
+            return await dw.take_tokens(requests)
+        except BackendError as error:
+            log.warning("rate limits unavailable, not applied: error=%s", error)
+            return 0.0
+
+    def _request(self, limit: Limit, subject: str, cost: float) -> TokenRequest | None:
         bucket, field, burst_factor = limit.value
         rate = float(getattr(self._settings, field))
         if rate <= 0:
-            return 0.0
+            return None
         # At least `burst_factor` requests, however low the rate.
         burst = max(float(burst_factor), rate * burst_factor)
-        key = f"{bucket}:{subject}"
-        try:
-            return await dw.take_tokens(key, min(cost, burst), rate, burst)
-        except BackendError as error:
-            log.warning("rate limit unavailable, not applied: limit=%s error=%s", limit.name, error)
-            return 0.0
+        return TokenRequest(f"{bucket}:{subject}", min(cost, burst), rate, burst)
 
 
 def retry_after_header(wait_s: float) -> str:

@@ -70,7 +70,7 @@ async def live(websocket: WebSocket) -> None:
         await websocket.close(4403, reason="forbidden: not your workspace")
         return
     user = f"{identity.workspace_id}/{identity.user.id}"
-    if await state.limits.wait_s(state.dw, Limit.CONNECT, user):
+    if await state.limits.wait_s(state.dw, (Limit.CONNECT, user, 1)):
         await websocket.close(1008, reason="too many connects: slow down")
         return
     if counts.by_user[user] >= settings.ws_max_per_user or counts.live >= settings.ws_max_sockets:

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
@@ -29,7 +29,7 @@ from dualwrite.backends._recent import RecentIds
 from dualwrite.clock import Clock
 from dualwrite.errors import UnknownBackend
 from dualwrite.model import ChannelRef, RealtimeMessage
-from dualwrite.ports import RealtimeTier, SendClaim, SendKey
+from dualwrite.ports import RealtimeTier, SendClaim, SendKey, TokenRequest
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -212,9 +212,19 @@ class FirebaseRealtimeTier:
         held = await self._run(ref.transaction, bind)
         return SendClaim(str(held["messageId"]), int(held["timestamp"]), str(held["fingerprint"]))
 
-    async def take_tokens(self, key: str, cost: float, rate_per_s: float, burst: float) -> float:
+    async def take_tokens(self, requests: Sequence[TokenRequest]) -> float:
+        # One transaction per bucket (a multi-location transaction would read all of limits/):
+        # a refusing bucket stops the round, and the ones before it stay charged.
+        for request in requests:
+            wait = await self._take_one(request)
+            if wait > 0:
+                return wait
+        return 0.0
+
+    async def _take_one(self, request: TokenRequest) -> float:
         # One flat child per bucket: its key escaped into a single Realtime Database key.
-        ref = self._ref(f"limits/{_escape_key(key)}")
+        ref = self._ref(f"limits/{_escape_key(request.key)}")
+        cost, rate, burst = request.cost, request.rate_per_s, request.burst
         waits: list[float] = []
 
         def take(current: Any) -> Any:
@@ -223,11 +233,11 @@ class FirebaseRealtimeTier:
             if isinstance(current, dict):
                 tokens = float(current.get("tokens", burst))
                 stamp = int(current.get("stamp", now_ms))
-            tokens = min(burst, tokens + max(0, now_ms - stamp) / 1000 * rate_per_s)
-            waits.append(0.0 if tokens >= cost else (cost - tokens) / rate_per_s)
+            tokens = min(burst, tokens + max(0, now_ms - stamp) / 1000 * rate)
+            waits.append(0.0 if tokens >= cost else (cost - tokens) / rate)
             if tokens >= cost:
                 tokens -= cost
-            full_at = now_ms + int((burst - tokens) / rate_per_s * 1000) + 1000
+            full_at = now_ms + int((burst - tokens) / rate * 1000) + 1000
             return {"tokens": tokens, "stamp": now_ms, "ttl": full_at}
 
         await self._run(ref.transaction, take)

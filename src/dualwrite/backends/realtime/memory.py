@@ -9,7 +9,7 @@ may not be saved yet.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from dualwrite.backends import BackendContext
 from dualwrite.backends._buckets import TokenBuckets
@@ -17,7 +17,7 @@ from dualwrite.backends._recent import RecentIds
 from dualwrite.clock import Clock
 from dualwrite.errors import BackendError
 from dualwrite.model import ChannelRef, RealtimeMessage
-from dualwrite.ports import RealtimeTier, SendClaim, SendKey
+from dualwrite.ports import RealtimeTier, SendClaim, SendKey, TokenRequest
 
 
 class MemoryRealtimeTier:
@@ -129,8 +129,8 @@ class MemoryRealtimeTier:
         self._claims[key] = (claim, now + ttl_ms)
         return claim
 
-    async def take_tokens(self, key: str, cost: float, rate_per_s: float, burst: float) -> float:
-        return self._buckets.take(key, cost, rate_per_s, burst)
+    async def take_tokens(self, requests: Sequence[TokenRequest]) -> float:
+        return self._buckets.take(requests)
 
 
 def _size(message: RealtimeMessage) -> int:

@@ -24,7 +24,7 @@ from dualwrite.backends._recent import RecentIds
 from dualwrite.clock import Clock
 from dualwrite.ids import time_prefix
 from dualwrite.model import REALTIME_TTL_MS, ChannelRef, RealtimeMessage
-from dualwrite.ports import RealtimeTier, SendClaim, SendKey
+from dualwrite.ports import RealtimeTier, SendClaim, SendKey, TokenRequest
 
 _WRITE = """
 local t = redis.call('TIME')
@@ -39,20 +39,30 @@ redis.call('PEXPIRE', KEYS[3], ARGV[5])
 return sid
 """
 
-# A token bucket in a hash {tokens, stamp}, on Redis's clock, forgotten once it would be full.
+# Token buckets, one hash {tokens, stamp} per key, on Redis's clock; all or nothing: if one
+# bucket lacks its cost, none is charged. ARGV holds cost, rate, burst per key. A bucket is
+# forgotten once it would be full again.
 _TAKE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local cost, rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local held = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
-local tokens = tonumber(held[1]) or burst
-local stamp = tonumber(held[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate)
-local wait = 0
-if tokens >= cost then tokens = tokens - cost else wait = (cost - tokens) / rate end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'stamp', tostring(now))
-redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
-return tostring(wait)
+local levels, wait = {}, 0
+for i, key in ipairs(KEYS) do
+  local cost, rate, burst = tonumber(ARGV[3*i-2]), tonumber(ARGV[3*i-1]), tonumber(ARGV[3*i])
+  local held = redis.call('HMGET', key, 'tokens', 'stamp')
+  local tokens = tonumber(held[1]) or burst
+  local stamp = tonumber(held[2]) or now
+  tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate)
+  levels[i] = tokens
+  if tokens < cost then wait = math.max(wait, (cost - tokens) / rate) end
+end
+if wait > 0 then return tostring(wait) end
+for i, key in ipairs(KEYS) do
+  local cost, rate, burst = tonumber(ARGV[3*i-2]), tonumber(ARGV[3*i-1]), tonumber(ARGV[3*i])
+  local tokens = levels[i] - cost
+  redis.call('HSET', key, 'tokens', tostring(tokens), 'stamp', tostring(now))
+  redis.call('PEXPIRE', key, math.ceil((burst - tokens) / rate * 1000) + 1000)
+end
+return '0'
 """
 
 _BLOCK_MS = 1000
@@ -238,11 +248,13 @@ class RedisRealtimeTier:
         message_id, timestamp, fingerprint = json.loads(held)
         return SendClaim(message_id, int(timestamp), fingerprint)
 
-    async def take_tokens(self, key: str, cost: float, rate_per_s: float, burst: float) -> float:
-        wait = await self._take_script(
-            keys=[f"{self._prefix}limit:{key}"], args=[repr(cost), repr(rate_per_s), repr(burst)]
-        )
-        return float(wait)
+    async def take_tokens(self, requests: Sequence[TokenRequest]) -> float:
+        if not requests:
+            return 0.0
+        # One hash tag for every bucket: a Lua call's keys must share a cluster slot.
+        keys = [f"{self._prefix}{{limits}}:{r.key}" for r in requests]
+        args = [repr(float(v)) for r in requests for v in (r.cost, r.rate_per_s, r.burst)]
+        return float(await self._take_script(keys=keys, args=args))
 
 
 def create(url: str, context: BackendContext) -> RealtimeTier:
