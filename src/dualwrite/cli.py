@@ -16,8 +16,9 @@ from typing import Any
 
 from dualwrite.backends import BackendContext, create_permanent_store
 from dualwrite.errors import BadSetting, DualWriteError, InvalidInput, SendFailed
+from dualwrite.logs import RedactingFormatter
 from dualwrite.model import User
-from dualwrite.redact import redact_url
+from dualwrite.redact import redact_text, redact_url
 from dualwrite.runtime import open_dualwrite
 from dualwrite.service import DualWrite
 from dualwrite.settings import ServerSettings, Settings, parse_fault_spec
@@ -203,10 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.ERROR,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, handlers=[handler])
     handler = _HANDLERS[args.command]
     try:
         return asyncio.run(handler(args))
@@ -214,10 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dualwrite: invalid input: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except SendFailed as error:
-        print(f"dualwrite: {error} ({error.__cause__!r})", file=sys.stderr)
+        print(redact_text(f"dualwrite: {error} ({error.__cause__!r})"), file=sys.stderr)
         return EXIT_FAILED
     except DualWriteError as error:
-        print(f"dualwrite: {error}", file=sys.stderr)
+        # Driver errors may quote a connection string.
+        print(redact_text(f"dualwrite: {error}"), file=sys.stderr)
         return EXIT_FAILED
 
 
@@ -456,7 +457,7 @@ async def _migrate(args: argparse.Namespace) -> int:
     store = create_permanent_store(settings.store_url, BackendContext(migrate_on_start=True))
     await store.connect()
     await store.close()
-    print(f"migrated {settings.store_url}")
+    print(f"migrated {redact_url(settings.store_url)}")
     return 0
 
 
