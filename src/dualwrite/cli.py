@@ -204,9 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, handlers=[handler])
+    stream = logging.StreamHandler()
+    stream.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, handlers=[stream])
     handler = _HANDLERS[args.command]
     try:
         return asyncio.run(handler(args))
