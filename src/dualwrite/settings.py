@@ -155,6 +155,9 @@ class ServerSettings(_FromEnv):
     bursts of twice that; 0: off."""
     sign_in_rate_per_s: float = 1.0
     """Dev sign-ins a second per client address, bursts of 10; 0: off."""
+    rate_limit_skip_s: float = 10.0
+    """After the realtime tier failed to answer a rate-limit call, limits are skipped this
+    long, so that an outage does not add a timeout to every request."""
     max_history: int = 200
     """The largest page `GET .../messages?limit=` serves."""
     max_history_bytes: int = 1024 * 1024
@@ -195,6 +198,7 @@ class ServerSettings(_FromEnv):
         _positive(
             self,
             "token_max_lifetime_s",
+            "rate_limit_skip_s",
             "max_history",
             "max_history_bytes",
             "max_body_bytes",

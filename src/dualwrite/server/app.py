@@ -10,6 +10,7 @@ import contextlib
 import hmac
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def create_app(
         settings=server_settings,
         signer=signer,
         authenticator=Authenticator(signer, firebase),
-        limits=RateLimits(server_settings),
+        limits=RateLimits(server_settings, time.monotonic),
     )
     opener = open_runtime or (lambda: open_dualwrite(settings))
 

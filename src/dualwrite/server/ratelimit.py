@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from enum import Enum
 
 from dualwrite.errors import BackendError
@@ -38,23 +39,32 @@ Charge = tuple[Limit, str, float]
 
 
 class RateLimits:
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerSettings, now: Callable[[], float]) -> None:
         self._settings = settings
+        self._now = now
+        self._skip_until = 0.0
 
     async def wait_s(self, dw: DualWrite, *charges: Charge) -> float:
         """0.0 if every charge fits its limit (and is taken, in one call to the tier), else
         the seconds to wait.
 
-        If the tier does not answer, the request goes on (logged): the call it guards needs
-        that tier or the store, and answers for itself.
+        If the tier does not answer, the request goes on (logged), and so do the requests of
+        the next `rate_limit_skip_s` without asking it: the call a limit guards needs that tier
+        or the store and answers for itself, and an outage should not cost every request a
+        timeout more.
         """
         requests = [r for r in (self._request(*c) for c in charges) if r is not None]
-        if not requests:
+        if not requests or self._now() < self._skip_until:
             return 0.0
         try:
             return await dw.take_tokens(requests)
         except BackendError as error:
-            log.warning("rate limits unavailable, not applied: error=%s", error)
+            self._skip_until = self._now() + self._settings.rate_limit_skip_s
+            log.warning(
+                "rate limits unavailable, skipped for %gs: error=%s",
+                self._settings.rate_limit_skip_s,
+                error,
+            )
             return 0.0
 
     def _request(self, limit: Limit, subject: str, cost: float) -> TokenRequest | None:
