@@ -168,7 +168,10 @@ class ServerSettings(_FromEnv):
     ws_first_frame_bytes: int = 4096
     """The largest frame a client may send (its token); larger: closed with 1009."""
     ws_max_unauthenticated: int = 256
-    """Sockets of this process still waiting for their token; more: closed with 1008."""
+    """Sockets of this process still waiting for their token; more: refused (HTTP 403)."""
+    ws_max_unauthenticated_per_address: int = 32
+    """Of those, from one client address (so one flooder cannot hold them all); behind a
+    reverse proxy every client has its address: raise it to `ws_max_unauthenticated`."""
     ws_max_per_user: int = 20
     """Live sockets one user may hold on this process; more: closed with 1008."""
     ws_max_sockets: int = 10_000
@@ -205,6 +208,7 @@ class ServerSettings(_FromEnv):
             "ws_auth_timeout_s",
             "ws_first_frame_bytes",
             "ws_max_unauthenticated",
+            "ws_max_unauthenticated_per_address",
             "ws_max_per_user",
             "ws_max_sockets",
         )

@@ -352,8 +352,11 @@ def test_11_16_hostile_input_gets_4xx_or_a_close_without_traceback(tmp_path: Pat
     assert "Traceback" not in output and "Exception in ASGI application" not in output
 
 
-def test_16_sockets_waiting_for_their_token_are_capped(tmp_path: Path) -> None:
-    with served(tmp_path, env={"DUALWRITE_WS_MAX_UNAUTHENTICATED": "2"}) as server:
+@pytest.mark.parametrize(
+    "cap", ["DUALWRITE_WS_MAX_UNAUTHENTICATED", "DUALWRITE_WS_MAX_UNAUTHENTICATED_PER_ADDRESS"]
+)
+def test_16_sockets_waiting_for_their_token_are_capped(tmp_path: Path, cap: str) -> None:
+    with served(tmp_path, env={cap: "2"}) as server:
         with connect(server.ws), connect(server.ws):
             time.sleep(0.3)
             with pytest.raises(InvalidStatus) as refused:

@@ -6,8 +6,9 @@ then receives one JSON frame per message: with `?after=<id>`, what came after th
 socket too slow for its buffer is closed with 1013 and resumes with `?after=` its last id. The
 socket is closed with 4401 when its token expires (the page renews it before then).
 
-Caps, per process: sockets still waiting for their token, live sockets per user, live sockets
-in all; and connects per user a second (shared through the realtime tier). Over one: 1008.
+Caps, per process: sockets still waiting for their token (in all, and per client address:
+refused with HTTP 403), live sockets per user and in all (closed with 1008); and connects per
+user a second, shared through the realtime tier (1008).
 """
 
 from __future__ import annotations
@@ -40,11 +41,15 @@ class _Refused(Exception):
 async def live(websocket: WebSocket) -> None:
     state = server_state(websocket)
     settings, counts = state.settings, state.sockets
-    if counts.unauthenticated >= settings.ws_max_unauthenticated:
+    address = websocket.client.host if websocket.client else "unknown"
+    if (
+        counts.unauthenticated >= settings.ws_max_unauthenticated
+        or counts.unauthenticated_by_address[address] >= settings.ws_max_unauthenticated_per_address
+    ):
         # Refused before the handshake completes: the client gets an HTTP 403.
         await websocket.close(1008, reason="too many sockets waiting to sign in")
         return
-    counts.unauthenticated += 1
+    counts.waiting(address)
     try:
         await websocket.accept()
         identity = await _identify(websocket)
@@ -57,7 +62,7 @@ async def live(websocket: WebSocket) -> None:
     except WebSocketDisconnect:
         return
     finally:
-        counts.unauthenticated -= 1
+        counts.done_waiting(address)
     try:
         channel = check_channel(websocket.path_params["ws"], websocket.path_params["ch"])
         after = websocket.query_params.get("after") or None

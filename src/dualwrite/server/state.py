@@ -16,11 +16,23 @@ from dualwrite.settings import ServerSettings
 
 @dataclass
 class SocketCounts:
-    """This process's WebSockets: waiting for their token, and live ones by user."""
+    """This process's WebSockets: waiting for their token (by client address), and live
+    ones (by user)."""
 
     unauthenticated: int = 0
+    unauthenticated_by_address: Counter[str] = field(default_factory=Counter)
     live: int = 0
     by_user: Counter[str] = field(default_factory=Counter)
+
+    def waiting(self, address: str) -> None:
+        self.unauthenticated += 1
+        self.unauthenticated_by_address[address] += 1
+
+    def done_waiting(self, address: str) -> None:
+        self.unauthenticated -= 1
+        self.unauthenticated_by_address[address] -= 1
+        if self.unauthenticated_by_address[address] <= 0:
+            del self.unauthenticated_by_address[address]
 
     def join(self, user_key: str) -> None:
         self.live += 1
