@@ -106,11 +106,12 @@ def create_app(
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
+        # Outermost first: the Host check's refusals carry the security headers too.
         middleware=[
+            Middleware(SecurityHeaders),
             Middleware(
                 HostCheck, policy=HostPolicy(server_settings.host, server_settings.extra_hosts)
             ),
-            Middleware(SecurityHeaders),
         ],
     )
     app.state.server = state
