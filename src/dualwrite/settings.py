@@ -93,12 +93,15 @@ class Settings(_FromEnv):
     UTF-8 bytes); over it a send fails rather than evict anything unsaved."""
     memory_max_claims: int = 1_000_000
     """The `memory://` tier's cap on idempotency keys (`clientMessageId`) held for an hour."""
+    memory_max_buckets: int = 100_000
+    """The `memory://` tier's cap on rate-limit buckets (full ones are forgotten first)."""
 
     def check(self) -> None:
         _positive(
             self,
             "memory_max_bytes",
             "memory_max_claims",
+            "memory_max_buckets",
             "realtime_timeout_s",
             "permanent_timeout_s",
             "retry_base_s",

@@ -34,6 +34,8 @@ class BackendContext:
     """The `memory://` realtime tier refuses writes past this many bytes held."""
     memory_max_claims: int = Settings.memory_max_claims
     """The `memory://` realtime tier refuses idempotency keys past this many held."""
+    memory_max_buckets: int = Settings.memory_max_buckets
+    """The `memory://` realtime tier keeps at most this many rate-limit buckets."""
 
 
 REALTIME_BACKENDS: dict[str, str] = {

@@ -21,7 +21,7 @@ from dualwrite.ports import RealtimeTier, SendClaim, SendKey, TokenRequest
 
 
 class MemoryRealtimeTier:
-    def __init__(self, clock: Clock, max_bytes: int, max_claims: int) -> None:
+    def __init__(self, clock: Clock, max_bytes: int, max_claims: int, max_buckets: int) -> None:
         self._clock = clock
         self._max_bytes = max_bytes
         self._max_claims = max_claims
@@ -29,7 +29,7 @@ class MemoryRealtimeTier:
         self._channels: dict[ChannelRef, dict[str, RealtimeMessage]] = {}
         self._subscribers: dict[ChannelRef, set[asyncio.Queue[RealtimeMessage]]] = {}
         self._claims: dict[SendKey, tuple[SendClaim, int]] = {}
-        self._buckets = TokenBuckets(lambda: clock.now_ms() / 1000, max_keys=max_claims)
+        self._buckets = TokenBuckets(lambda: clock.now_ms() / 1000, max_keys=max_buckets)
 
     async def connect(self) -> None:
         pass
@@ -145,4 +145,9 @@ def _size(message: RealtimeMessage) -> int:
 
 
 def create(url: str, context: BackendContext) -> RealtimeTier:
-    return MemoryRealtimeTier(context.clock, context.memory_max_bytes, context.memory_max_claims)
+    return MemoryRealtimeTier(
+        context.clock,
+        context.memory_max_bytes,
+        context.memory_max_claims,
+        context.memory_max_buckets,
+    )
