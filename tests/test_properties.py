@@ -36,7 +36,9 @@ async def attempt(
     store: PermanentStore, queue_path: str, ws: str, ch: str, text: str, user: User
 ) -> None:
     clock = SystemClock()
-    realtime = MemoryRealtimeTier(clock)
+    realtime = MemoryRealtimeTier(
+        clock, Settings.memory_max_bytes, Settings.memory_max_claims, Settings.memory_max_buckets
+    )
     queue = RetryQueue(queue_path)
     await queue.open()
     await store.connect()

@@ -11,6 +11,7 @@ from sentry_sdk.envelope import Envelope
 from sentry_sdk.transport import Transport
 
 from dualwrite import User
+from dualwrite.reporting import sentry_options
 from tests.conftest import Harness, unique
 
 
@@ -60,3 +61,34 @@ async def test_realtime_failure_is_not_a_sentry_event(
         await harness.dw.send_message("ws", "ch", "hi", User("u1", "Ada"))
     sentry_sdk.flush()
     assert sentry_events == []
+
+
+async def test_sentry_events_carry_no_text_name_or_token(
+    harness: Harness, scrubbed_sentry_events: list[dict[str, Any]]
+) -> None:
+    harness.store_faults.fail()
+    token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1MSJ9.c2lnbmF0dXJl"
+    with sentry_sdk.new_scope() as scope:
+        scope.set_context("request", {})
+        scope.add_breadcrumb(category="httpx", message=f"GET http://h/ws?token={token}")
+        await harness.dw.send_message(
+            unique("ws"), unique("ch"), "TOP-SECRET-TEXT", User("u1", "Secret-Name")
+        )
+    sentry_sdk.flush()
+    [event] = scrubbed_sentry_events
+    printed = repr(event)
+    assert "InjectedFault" in printed
+    for leak in ("TOP-SECRET-TEXT", "Secret-Name", token):
+        assert leak not in printed
+
+
+@pytest.fixture
+def scrubbed_sentry_events() -> Iterator[list[dict[str, Any]]]:
+    """Sentry as `init_sentry` configures it, captured in memory."""
+    transport = CapturingTransport()
+    sentry_sdk.init(dsn="https://public@sentry.invalid/1", transport=transport, **sentry_options())
+    try:
+        yield transport.events
+    finally:
+        sentry_sdk.get_client().close()
+        sentry_sdk.init()

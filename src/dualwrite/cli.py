@@ -17,10 +17,12 @@ from typing import Any
 from dualwrite.backends import BackendContext, create_permanent_store
 from dualwrite.errors import BadSetting, DualWriteError, InvalidInput, SendFailed
 from dualwrite.history import DEFAULT_PAGE_SIZE
+from dualwrite.logs import RedactingFormatter
 from dualwrite.model import User
+from dualwrite.redact import redact_text, redact_url
 from dualwrite.runtime import open_dualwrite
 from dualwrite.service import DualWrite
-from dualwrite.settings import ServerSettings, Settings, parse_fault_spec, redact_url
+from dualwrite.settings import ServerSettings, Settings, parse_fault_spec
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
     _backend_flags(queue_retry)
 
     serve = commands.add_parser("serve", help="run the chat server and its page")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=_port, default=8000)
+    serve.add_argument(
+        "--host", help=f"bind address (env DUALWRITE_HOST, default {ServerSettings.host})"
+    )
+    serve.add_argument(
+        "--port", type=_port, help=f"bind port (env DUALWRITE_PORT, default {ServerSettings.port})"
+    )
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="NAME",
+        help="also answer to this Host header name (repeatable; env DUALWRITE_ALLOWED_HOSTS)",
+    )
     serve.add_argument(
         "--fault",
         metavar="realtime=P,permanent=P",
@@ -92,13 +104,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--dev-sign-in",
-        action=argparse.BooleanOptionalAction,
+        action="store_true",
         default=None,
-        help="serve the page's development sign-in (default: on without DUALWRITE_TOKEN_SECRET)",
+        help="development only: the page's sign-in form, which signs anyone in as anyone; "
+        "refused unless the bind is loopback",
     )
     serve.add_argument(
         "--firebase-project",
         help="also accept Firebase ID tokens of this project (env DUALWRITE_FIREBASE_PROJECT)",
+    )
+    serve.add_argument(
+        "--firebase-auth-emulator",
+        action="store_true",
+        default=None,
+        help="development only: honour FIREBASE_AUTH_EMULATOR_HOST (unsigned Firebase tokens)",
+    )
+    serve.add_argument(
+        "--metrics-host",
+        help="serve /metrics on its own bind at this address (env DUALWRITE_METRICS_HOST)",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        help=f"port of --metrics-host (default {ServerSettings.metrics_port})",
     )
     serve.add_argument(
         "--send-rate",
@@ -115,7 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--user", required=True, help="user id")
     token.add_argument("--name", required=True, help="display name")
     token.add_argument("--workspace", required=True)
-    token.add_argument("--hours", type=int, default=12)
+    token.add_argument(
+        "--hours",
+        type=float,
+        help="lifetime (default and most: DUALWRITE_TOKEN_MAX_LIFETIME_S, "
+        f"{ServerSettings.token_max_lifetime_s // 3600} h)",
+    )
 
     reconcile = commands.add_parser(
         "reconcile", help="save delivered messages that were neither saved nor queued"
@@ -180,10 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.ERROR,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    stream = logging.StreamHandler()
+    stream.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, handlers=[stream])
     handler = _HANDLERS[args.command]
     try:
         return asyncio.run(handler(args))
@@ -191,10 +223,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dualwrite: invalid input: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except SendFailed as error:
-        print(f"dualwrite: {error} ({error.__cause__!r})", file=sys.stderr)
+        print(redact_text(f"dualwrite: {error} ({error.__cause__!r})"), file=sys.stderr)
         return EXIT_FAILED
     except DualWriteError as error:
-        print(f"dualwrite: {error}", file=sys.stderr)
+        # Driver errors may quote a connection string.
+        print(redact_text(f"dualwrite: {error}"), file=sys.stderr)
         return EXIT_FAILED
 
 
@@ -261,7 +294,7 @@ async def _queue_list(dw: DualWrite) -> int:
 async def _serve(args: argparse.Namespace) -> int:
     uvicorn = _needs_extra("uvicorn", "server", "serve")
     from dualwrite.logs import configure
-    from dualwrite.server.app import create_app
+    from dualwrite.server.app import create_app, metrics_app
 
     configure(verbose=True, json_lines=args.log_json)
     faults = parse_fault_spec(args.fault) if args.fault else {}
@@ -273,31 +306,99 @@ async def _serve(args: argparse.Namespace) -> int:
         fault_permanent=faults.get("fault_permanent"),
     )
     server_settings = ServerSettings.from_env(
+        host=args.host,
+        port=args.port,
+        allowed_hosts=",".join(args.allowed_host) if args.allowed_host else None,
         dev_sign_in=args.dev_sign_in,
         firebase_project=args.firebase_project,
+        firebase_auth_emulator=args.firebase_auth_emulator,
         send_rate_per_s=args.send_rate,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
     )
     app = create_app(settings, server_settings)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False)
-    )
-    print(
-        f"dualwrite: chat page at http://{args.host}:{args.port}/ "
-        f"(realtime {redact_url(settings.realtime_url)}, store {redact_url(settings.store_url)})",
-        flush=True,
-    )
-    await server.serve()
+    host, port = server_settings.host, server_settings.port
+    servers = [
+        uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=host,
+                port=port,
+                log_config=None,
+                # Request lines carry URLs (and a `?token=` some clients still send): off.
+                access_log=False,
+                # Clients send one frame, their token; anything bigger is closed with 1009
+                # before it is read into memory.
+                ws_max_size=server_settings.ws_first_frame_bytes,
+                server_header=False,
+            )
+        )
+    ]
+    if server_settings.metrics_host:
+        servers.append(
+            uvicorn.Server(
+                uvicorn.Config(
+                    metrics_app(),
+                    host=server_settings.metrics_host,
+                    port=server_settings.metrics_port,
+                    log_config=None,
+                    access_log=False,
+                    lifespan="off",
+                )
+            )
+        )
+    for line in startup_lines(settings, server_settings):
+        print(line, flush=True)
+    await asyncio.gather(*(server.serve() for server in servers))
     return 0
+
+
+def startup_lines(settings: Settings, server: ServerSettings) -> list[str]:
+    """What `serve` prints when it starts: where, on what, and who can sign in."""
+    base = f"http://{_url_host(server.host)}:{server.port}/"
+    lines = [
+        f"dualwrite: chat page at {base} "
+        f"(realtime {redact_url(settings.realtime_url)}, store {redact_url(settings.store_url)})"
+    ]
+    if server.dev_sign_in:
+        lines.append(
+            "dualwrite: DEVELOPMENT SIGN-IN IS ON: anyone who reaches "
+            f"{base} can sign in as anyone, in any workspace"
+        )
+    elif server.token_secret is None and not server.firebase_project:
+        lines.append(
+            "dualwrite: nobody can sign in: set DUALWRITE_TOKEN_SECRET and mint tokens with "
+            "`dualwrite token`, or pass --dev-sign-in (development, loopback only)"
+        )
+    if server.firebase_auth_emulator:
+        lines.append("dualwrite: FIREBASE AUTH EMULATOR: unsigned Firebase tokens are accepted")
+    if server.metrics_host:
+        lines.append(
+            f"dualwrite: metrics at http://{_url_host(server.metrics_host)}:"
+            f"{server.metrics_port}/metrics"
+        )
+    return lines
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 async def _token(args: argparse.Namespace) -> int:
     auth = _needs_extra("dualwrite.server.auth", "server", "token")
     Identity, TokenSigner = auth.Identity, auth.TokenSigner
-    secret = ServerSettings.from_env().token_secret
+    server_settings = ServerSettings.from_env()
+    secret = server_settings.token_secret
     if secret is None:
         raise BadSetting("set DUALWRITE_TOKEN_SECRET (the one the server uses) to mint tokens")
     identity = Identity(User(args.user, args.name), args.workspace)
-    print(TokenSigner(secret).mint(identity, lifetime_s=args.hours * 3600))
+    lifetime = None if args.hours is None else int(args.hours * 3600)
+    try:
+        print(TokenSigner(secret, server_settings).mint(identity, lifetime_s=lifetime))
+    except InvalidInput:
+        raise
+    except ValueError as error:
+        raise BadSetting(f"--hours: {error}") from None
     return 0
 
 
@@ -365,7 +466,7 @@ async def _migrate(args: argparse.Namespace) -> int:
     store = create_permanent_store(settings.store_url, context)
     await store.connect()
     await store.close()
-    print(f"migrated {settings.store_url}")
+    print(f"migrated {redact_url(settings.store_url)}")
     return 0
 
 

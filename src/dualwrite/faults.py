@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 
 from dualwrite.model import ChannelRef, HistoryPage, PermanentWrite, RealtimeMessage, StoredMessage
-from dualwrite.ports import PermanentStore, RealtimeTier, SendClaim, SendKey
+from dualwrite.ports import PermanentStore, RealtimeTier, SendClaim, SendKey, TokenRequest
 
 
 class InjectedFault(ConnectionError):
@@ -115,6 +115,11 @@ class FaultyRealtimeTier:
     async def claim_send(self, key: SendKey, claim: SendClaim, ttl_ms: int) -> SendClaim:
         await self.faults.check("claim_send")
         return await self.inner.claim_send(key, claim, ttl_ms)
+
+    async def take_tokens(self, requests: Sequence[TokenRequest]) -> float:
+        # Not a fault point: injected faults target the message path (`fail(times=1)` means
+        # "the next write"), and a rate limit whose tier fails is skipped anyway.
+        return await self.inner.take_tokens(requests)
 
 
 class FaultyPermanentStore:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -186,6 +187,10 @@ class SendResult:
         return self.message_id
 
 
+_CURSOR_TIME = re.compile(r"[0-9]{1,16}")
+_MAX_CURSOR_CHARS = 1024
+
+
 def history_cursor(timestamp: int, message_id: str) -> str:
     """The ``before`` value that continues a history page after the message it names."""
     return f"{timestamp}:{message_id}"
@@ -195,7 +200,14 @@ def parse_history_cursor(before: str) -> tuple[int, str]:
     from dualwrite.errors import InvalidInput
 
     timestamp, sep, message_id = before.partition(":")
-    if not sep or not timestamp.isdigit() or not message_id:
+    # ASCII digits only, and few of them: str.isdigit() takes "²", and int() refuses (or
+    # spends its time on) thousands of digits.
+    if (
+        len(before) > _MAX_CURSOR_CHARS
+        or not sep
+        or not _CURSOR_TIME.fullmatch(timestamp)
+        or not message_id
+    ):
         raise InvalidInput("before", "is not a cursor returned by a history page")
     return int(timestamp), message_id
 

@@ -32,6 +32,17 @@ class SendClaim:
     fingerprint: str
 
 
+@dataclass(frozen=True)
+class TokenRequest:
+    """``cost`` tokens from bucket ``key``, which refills at ``rate_per_s`` up to ``burst``
+    (and is full when new); ``cost`` is at most ``burst``."""
+
+    key: str
+    cost: float
+    rate_per_s: float
+    burst: float
+
+
 class RealtimeTier(Protocol):
     """Instant delivery: entries live one hour and reach every live subscriber of the channel."""
 
@@ -77,6 +88,16 @@ class RealtimeTier(Protocol):
         """Bind ``key`` to ``claim`` unless it is bound already; return the binding that holds.
 
         Atomic across processes sharing the tier, and kept as long as a realtime entry.
+        """
+        ...
+
+    async def take_tokens(self, requests: Sequence[TokenRequest]) -> float:
+        """Take each request's tokens from its bucket: 0.0 if every bucket had them, else the
+        longest wait until they would. A bucket that lacks them is not charged; on `memory://`
+        and Redis none is (one atomic step), on Firebase those before it were.
+
+        Shared across processes sharing the tier (rate limits hold per user, not per
+        process); a bucket is forgotten once it would be full again.
         """
         ...
 

@@ -76,6 +76,9 @@ async def open_dualwrite(
         clock=clock,
         call_timeout_s=max(settings.realtime_timeout_s, settings.permanent_timeout_s),
         migrate_on_start=settings.migrate_on_start,
+        memory_max_bytes=settings.memory_max_bytes,
+        memory_max_claims=settings.memory_max_claims,
+        memory_max_buckets=settings.memory_max_buckets,
     )
     realtime = realtime or create_realtime_tier(settings.realtime_url, context)
     store = store or create_permanent_store(settings.store_url, context)

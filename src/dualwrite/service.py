@@ -7,7 +7,7 @@ the background). Get one from `dualwrite.open_dualwrite`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from dualwrite import history
 from dualwrite._calls import bounded
@@ -21,7 +21,7 @@ from dualwrite.model import (
     SendStatus,
     User,
 )
-from dualwrite.ports import PermanentStore, RealtimeTier
+from dualwrite.ports import PermanentStore, RealtimeTier, TokenRequest
 from dualwrite.reconciler import Reconciler, ReconcileReport
 from dualwrite.recovery import Inspection, ManualRecovery
 from dualwrite.retrier import Backoff, Retrier, RetryReport
@@ -167,6 +167,23 @@ class DualWrite:
     async def sweep(self) -> int:
         """Delete expired realtime entries now; returns how many."""
         return await self._realtime.sweep_expired(self._clock.now_ms())
+
+    async def take_tokens(self, requests: Sequence[TokenRequest]) -> float:
+        """Rate limits shared by every process on the realtime tier: 0.0 if every bucket had
+        its cost (now taken), else the seconds to wait (see `RealtimeTier.take_tokens`).
+
+        Raises `BackendError` if the tier does not answer in time.
+        """
+        try:
+            return await bounded(
+                self._realtime.take_tokens(requests),
+                self.settings.realtime_timeout_s,
+                "rate limit",
+            )
+        except BackendError:
+            raise
+        except Exception as error:
+            raise BackendError(f"rate limit is unavailable: {error!r}") from error
 
 
 def _channel_if_given(workspace_id: str | None, channel_id: str | None) -> ChannelRef | None:

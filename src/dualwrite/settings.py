@@ -13,7 +13,6 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from dualwrite.errors import BadSetting
 
@@ -99,9 +98,19 @@ class Settings(_FromEnv):
     """Development only: the probability that a realtime call fails on purpose."""
     fault_permanent: float = 0.0
     """Development only: the probability that a permanent-store call fails on purpose."""
+    memory_max_bytes: int = 256 * 1024 * 1024
+    """The `memory://` realtime tier's cap on what it holds (message text and names, in
+    UTF-8 bytes); over it a send fails rather than evict anything unsaved."""
+    memory_max_claims: int = 1_000_000
+    """The `memory://` tier's cap on idempotency keys (`clientMessageId`) held for an hour."""
+    memory_max_buckets: int = 100_000
+    """The `memory://` tier's cap on rate-limit buckets (full ones are forgotten first)."""
 
     def check(self) -> None:
         self._positive(
+            "memory_max_bytes",
+            "memory_max_claims",
+            "memory_max_buckets",
             "realtime_timeout_s",
             "permanent_timeout_s",
             "retry_base_s",
@@ -123,45 +132,102 @@ class Settings(_FromEnv):
 class ServerSettings(_FromEnv):
     """What `dualwrite serve` adds: sign-in, limits of the HTTP API, the WebSocket."""
 
+    host: str = "127.0.0.1"
+    """The bind address (`serve --host`)."""
+    port: int = 8000
+    """The bind port (`serve --port`)."""
     token_secret: str | None = None
     """HMAC secret of bearer tokens (32+ characters); unset: a random one per process."""
-    dev_sign_in: bool | None = None
-    """Serve `POST /api/dev/token` (the page's sign-in form); None: on without a secret."""
+    token_max_lifetime_s: int = 24 * 3600
+    """Tokens whose `exp` lies further than this after their `iat` (or now) are refused."""
+    token_issuer: str = "dualwrite"
+    """The `iss` claim minted and required."""
+    token_audience: str = "dualwrite"
+    """The `aud` claim minted and required."""
+    dev_sign_in: bool = False
+    """Serve `POST /api/dev/token` (anyone signs in as anyone): only with `--dev-sign-in`,
+    and only on a loopback bind."""
+    allowed_hosts: str = ""
+    """Comma-separated extra `Host` names accepted besides the bind address (and, on a
+    loopback bind, localhost names); `*` accepts any (behind a proxy that checks it)."""
     firebase_project: str | None = None
     """Also accept Firebase ID tokens of this project (uid, name, `workspaceId` claim)."""
+    firebase_auth_emulator: bool = False
+    """Development only: honour `FIREBASE_AUTH_EMULATOR_HOST` (unsigned Firebase tokens)."""
     send_rate_per_s: float = 10.0
-    """Per-user sends a second (token bucket, per process), bursts of twice that; 0: off."""
+    """Per-user sends a second, bursts of twice that; 0: off. Shared by every process on a
+    shared realtime tier (Redis, Firebase), per process on `memory://`."""
+    send_bytes_per_s: float = 64 * 1024
+    """Per-user text bytes a second (UTF-8), bursts of 8 times that; 0: off."""
+    channel_bytes_per_s: float = 256 * 1024
+    """Per-channel text bytes a second from all its users, bursts of 8 times that; 0: off."""
+    read_rate_per_s: float = 10.0
+    """Per-user history pages, persists and socket connects a second (each its own bucket),
+    bursts of twice that; 0: off."""
+    sign_in_rate_per_s: float = 1.0
+    """Dev sign-ins a second per client address, bursts of 10; 0: off."""
+    rate_limit_skip_s: float = 10.0
+    """After the realtime tier failed to answer a rate-limit call, limits are skipped this
+    long, so that an outage does not add a timeout to every request."""
     max_history: int = 200
     """The largest page `GET .../messages?limit=` serves."""
+    max_history_bytes: int = 1024 * 1024
+    """A history page stops before this many bytes of text (`nextBefore` continues it)."""
     max_body_bytes: int = 256 * 1024
-    ws_auth_timeout_s: float = 5.0
-    """A socket that has not sent its token by then is closed."""
+    ws_auth_timeout_s: float = 2.0
+    """A socket that has not sent its token by then is closed (4401)."""
+    ws_first_frame_bytes: int = 4096
+    """The largest frame a client may send (its token); larger: closed with 1009."""
+    ws_max_unauthenticated: int = 256
+    """Sockets of this process still waiting for their token; more: refused (HTTP 403)."""
+    ws_max_unauthenticated_per_address: int = 32
+    """Of those, from one client address (so one flooder cannot hold them all); behind a
+    reverse proxy every client has its address: raise it to `ws_max_unauthenticated`."""
+    ws_max_per_user: int = 20
+    """Live sockets one user may hold on this process; more: closed with 1008."""
+    ws_max_sockets: int = 10_000
+    """Live sockets on this process; more: closed with 1008."""
+    metrics_token: str | None = None
+    """Serve `/metrics` on the main bind behind `Authorization: Bearer <this>` (16+
+    characters); unset: `/metrics` only on `--metrics-host`, if given."""
+    metrics_host: str | None = None
+    """Serve `/metrics` (unauthenticated) on its own bind at this address."""
+    metrics_port: int = 9108
+    """The port of `metrics_host`."""
 
     def check(self) -> None:
         # An empty secret is refused, not taken as unset: it would turn dev sign-in on.
         if self.token_secret is not None and len(self.token_secret) < 32:
             raise BadSetting(f"{self.env_name('token_secret')} must be at least 32 characters")
-        rate = self.send_rate_per_s
-        if not (math.isfinite(rate) and 0 <= rate <= 1_000_000):
-            raise BadSetting(f"{self.env_name('send_rate_per_s')} must be 0 (off) or a rate")
-        self._positive("max_history", "max_body_bytes", "ws_auth_timeout_s")
+        if self.metrics_token is not None and len(self.metrics_token) < 16:
+            raise BadSetting(f"{self.env_name('metrics_token')} must be at least 16 characters")
+        for name in (
+            "send_rate_per_s",
+            "send_bytes_per_s",
+            "channel_bytes_per_s",
+            "read_rate_per_s",
+            "sign_in_rate_per_s",
+        ):
+            rate = getattr(self, name)
+            if not (math.isfinite(rate) and 0 <= rate <= 1e12):
+                raise BadSetting(f"{self.env_name(name)} must be 0 (off) or a rate")
+        self._positive(
+            "token_max_lifetime_s",
+            "rate_limit_skip_s",
+            "max_history",
+            "max_history_bytes",
+            "max_body_bytes",
+            "ws_auth_timeout_s",
+            "ws_first_frame_bytes",
+            "ws_max_unauthenticated",
+            "ws_max_unauthenticated_per_address",
+            "ws_max_per_user",
+            "ws_max_sockets",
+        )
 
     @property
-    def send_burst(self) -> int:
-        return max(1, int(self.send_rate_per_s * 2))
-
-    @property
-    def dev_sign_in_enabled(self) -> bool:
-        return self.dev_sign_in if self.dev_sign_in is not None else self.token_secret is None
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced, fit to print."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
+    def extra_hosts(self) -> list[str]:
+        return [h.strip() for h in self.allowed_hosts.split(",") if h.strip()]
 
 
 def parse_fault_spec(spec: str) -> dict[str, float]:

@@ -22,14 +22,13 @@ from psycopg_pool import PoolTimeout
 
 from dualwrite import Settings, open_dualwrite
 from dualwrite._calls import bounded
-from dualwrite.backends import BackendContext, create_permanent_store
+from dualwrite.backends import BackendContext, create_permanent_store, create_realtime_tier
 from dualwrite.backends.permanent.postgres import (
     _MIGRATIONS,
     SCHEMA_VERSION,
     PostgresPermanentStore,
     SchemaMissing,
 )
-from dualwrite.backends.realtime.memory import MemoryRealtimeTier
 from dualwrite.cli import main
 from dualwrite.clock import SystemClock
 from dualwrite.errors import BackendTimeout
@@ -158,7 +157,11 @@ async def test_merged_history_shows_each_tied_message_once_under_an_icu_collatio
     settings = Settings(queue_path=str(tmp_path / "queue.db"))
     clock = SystemClock()
     async with open_dualwrite(
-        settings, realtime=MemoryRealtimeTier(clock), store=store, clock=clock, background=False
+        settings,
+        realtime=create_realtime_tier("memory://", BackendContext(clock)),
+        store=store,
+        clock=clock,
+        background=False,
     ) as dw:
         await store.save_many(batch)
         seen: list[str] = []

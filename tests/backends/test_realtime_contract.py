@@ -9,7 +9,7 @@ import pytest
 from dualwrite.clock import ManualClock
 from dualwrite.ids import PushIdGenerator
 from dualwrite.model import REALTIME_TTL_MS, ChannelRef, RealtimeMessage
-from dualwrite.ports import RealtimeTier, SendClaim, SendKey
+from dualwrite.ports import RealtimeTier, SendClaim, SendKey, TokenRequest
 from tests.conftest import needs, unique
 
 
@@ -176,3 +176,60 @@ async def test_an_expired_claim_no_longer_binds_its_key(
     await realtime.sweep_expired(clock.now_ms())
     second = SendClaim("-second", 2, "f2")
     assert await realtime.claim_send(key, second, 1000) == second
+
+
+def take(key: str, cost: float, rate_per_s: float, burst: float) -> list[TokenRequest]:
+    return [TokenRequest(key, cost, rate_per_s, burst)]
+
+
+async def test_take_tokens_allows_a_burst_then_says_how_long_to_wait(
+    realtime: RealtimeTier, realtime_kind: str
+) -> None:
+    needs(realtime_kind, "transaction")
+    key, other = unique("limit"), unique("limit")
+    # One token an hour: nothing refills while the test runs, whatever clock the tier uses.
+    rate = 1 / 3600
+    assert await realtime.take_tokens(take(key, 1, rate, 2)) == 0.0
+    assert await realtime.take_tokens(take(key, 1, rate, 2)) == 0.0
+    wait = await realtime.take_tokens(take(key, 1, rate, 2))
+    assert 3000 < wait <= 3600
+    assert await realtime.take_tokens(take(other, 2, rate, 2)) == 0.0, "buckets are per key"
+    assert await realtime.take_tokens(take(other, 1, rate, 2)) > 0
+
+
+async def test_take_tokens_refuses_what_does_not_fit_without_taking_it(
+    realtime: RealtimeTier, realtime_kind: str
+) -> None:
+    needs(realtime_kind, "transaction")
+    key = unique("limit")
+    rate = 1 / 3600
+    assert await realtime.take_tokens(take(key, 8, rate, 10)) == 0.0
+    assert await realtime.take_tokens(take(key, 5, rate, 10)) > 0, "2 left, 5 asked"
+    assert await realtime.take_tokens(take(key, 2, rate, 10)) == 0.0, "the refused 5 took nothing"
+
+
+async def test_take_tokens_charges_several_buckets_in_one_call(
+    realtime: RealtimeTier, realtime_kind: str
+) -> None:
+    needs(realtime_kind, "transaction")
+    user, channel = unique("user"), unique("channel.with.dots/and/slashes")
+    rate = 1 / 3600
+    # The refusing bucket first: Firebase charges those before it (see the Protocol).
+    both = [TokenRequest(channel, 3, rate, 4), TokenRequest(user, 1, rate, 2)]
+    assert await realtime.take_tokens(both) == 0.0
+    assert await realtime.take_tokens(both) > 0, "the channel has 1 left, 3 asked"
+    assert await realtime.take_tokens(take(user, 1, rate, 2)) == 0.0, "the user still had 1"
+    assert await realtime.take_tokens([]) == 0.0
+
+
+async def test_take_tokens_refills_with_time(
+    realtime: RealtimeTier, realtime_kind: str, clock: ManualClock
+) -> None:
+    needs(realtime_kind, "transaction")
+    if realtime_kind == "redis":
+        pytest.skip("Redis refills by its own clock (TIME), which the test clock cannot move")
+    key = unique("limit")
+    assert await realtime.take_tokens(take(key, 1, 1.0, 1)) == 0.0
+    assert await realtime.take_tokens(take(key, 1, 1.0, 1)) == pytest.approx(1.0, abs=0.01)
+    clock.advance(1000)
+    assert await realtime.take_tokens(take(key, 1, 1.0, 1)) == 0.0

@@ -181,6 +181,9 @@ CASES: dict[str, Case] = {
         False,
         path=f"sends/{WS}/u1/client-1",
     ),
+    "writing a rate-limit bucket refused": write(
+        {"tokens": 1000, "stamp": NOW, "ttl": NOW + 1}, False, path="limits/send:acme%2Fu1"
+    ),
     "writing elsewhere refused": write({"x": 1}, False, path="anything/else"),
     # Reading: members of the workspace read its channels, and nothing else is readable.
     "member reads the channel": read(CHANNEL_PATH, True),
@@ -190,6 +193,7 @@ CASES: dict[str, Case] = {
     "unauthenticated read refused": read(CHANNEL_PATH, False, auth=None),
     "reading the workspace's channel list refused": read(f"messages/{WS}", False),
     "reading idempotency claims refused": read(f"sends/{WS}/u1", False),
+    "reading rate-limit buckets refused": read("limits", False),
     "reading the root refused": read("", False),
 }
 

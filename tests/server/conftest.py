@@ -17,6 +17,7 @@ from dualwrite.settings import ServerSettings, Settings
 from tests.support.servers import serving
 
 SECRET = "test-secret-" + "x" * 40
+METRICS_TOKEN = "metrics-" + "m" * 24
 
 
 @dataclass
@@ -36,14 +37,25 @@ class Api:
 
 @pytest.fixture
 def api(tmp_path: Path) -> Iterator[Api]:
-    yield from _api(tmp_path, ServerSettings(token_secret=SECRET, dev_sign_in=True))
+    yield from _api(
+        tmp_path,
+        ServerSettings(token_secret=SECRET, dev_sign_in=True, metrics_token=METRICS_TOKEN),
+    )
+
+
+@pytest.fixture
+def slow_api(tmp_path: Path) -> Iterator[Api]:
+    """A server whose users may send once every 100 s, in bursts of two."""
+    yield from _api(tmp_path, ServerSettings(token_secret=SECRET, send_rate_per_s=0.01))
 
 
 @pytest.fixture
 def firebase_auth_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Api]:
     """A server that also takes Firebase ID tokens, from the Auth emulator (unsigned)."""
     monkeypatch.setenv("FIREBASE_AUTH_EMULATOR_HOST", "127.0.0.1:9099")
-    config = ServerSettings(token_secret=SECRET, firebase_project="dualwrite-test")
+    config = ServerSettings(
+        token_secret=SECRET, firebase_project="dualwrite-test", firebase_auth_emulator=True
+    )
     yield from _api(tmp_path, config)
 
 
@@ -67,4 +79,4 @@ def _api(tmp_path: Path, config: ServerSettings) -> Iterator[Api]:
     app = create_app(settings, config, open_runtime=open_runtime)
     with serving(app) as base, httpx.Client(base_url=base, timeout=10) as client:
         ws_base = base.replace("http://", "ws://")
-        yield Api(client, ws_base, realtime_faults, store_faults, TokenSigner(SECRET))
+        yield Api(client, ws_base, realtime_faults, store_faults, TokenSigner(SECRET, config))

@@ -10,6 +10,7 @@ import pytest
 from playwright.sync_api import Browser, Dialog, Page, expect, sync_playwright
 
 from tests.server.conftest import Api
+from tests.support.servers import serve_process
 
 pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
@@ -130,3 +131,23 @@ def test_message_text_is_shown_as_text_never_run_as_html(browser: Browser, api: 
     page.wait_for_timeout(300)
     assert dialogs == []
     assert page.locator("#messages img").count() == 0
+
+
+def test_the_readme_command_gives_a_page_a_newcomer_can_sign_in_to(
+    browser: Browser, tmp_path: Path
+) -> None:
+    # README, Set up and run: `dualwrite serve --dev-sign-in`, no secret configured.
+    with serve_process(tmp_path, "--dev-sign-in", env={"DUALWRITE_TOKEN_SECRET": None}) as base:
+        page = browser.new_context().new_page()
+        console: list[str] = []
+        page.on("console", lambda message: console.append(message.text))
+        page.goto(base)
+        page.fill("input[name=userId]", "newcomer")
+        page.fill("input[name=userName]", "Newcomer")
+        page.fill("input[name=workspaceId]", "acme")
+        page.click("text=Sign in")
+        expect(page.get_by_test_id("live-state")).to_have_text("live")
+        send(page, "hello from a newcomer")
+        sent = page.get_by_test_id("message").filter(has_text="hello from a newcomer")
+        expect(sent).to_have_count(1)
+        assert not [c for c in console if "Content Security Policy" in c], console

@@ -61,3 +61,21 @@ def test_bad_firebase_tokens_are_refused(firebase_auth_api: Api) -> None:
     ):
         assert post(firebase_auth_api, token).status_code == 401
     assert post(firebase_auth_api, emulator_id_token(workspaceId="globex")).status_code == 403
+
+
+def test_a_user_without_a_display_name_is_shown_by_uid_never_by_email(
+    firebase_auth_api: Api,
+) -> None:
+    token = emulator_id_token(name=None, email="grace@private.example")
+    assert post(firebase_auth_api, token).status_code == 201
+    page = firebase_auth_api.client.get(MESSAGES, headers=firebase_auth_api.auth()).json()
+    [message] = page["messages"]
+    assert message["userName"] == "fb-uid-1"
+    assert "private.example" not in str(page)
+
+
+def test_firebase_tokens_living_longer_than_the_maximum_are_refused(
+    firebase_auth_api: Api,
+) -> None:
+    forever = int(time.time()) + 100 * 365 * 86400
+    assert post(firebase_auth_api, emulator_id_token(exp=forever)).status_code == 401

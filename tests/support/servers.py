@@ -6,7 +6,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +20,24 @@ TOKEN_SECRET = "e2e-secret-" + "z" * 40
 
 @contextlib.contextmanager
 def serve_process(
-    data_dir: Path, *args: str, env: dict[str, str] | None = None, port: int | None = None
+    data_dir: Path,
+    *args: str,
+    env: Mapping[str, str | None] | None = None,
+    port: int | None = None,
 ) -> Iterator[str]:
-    """Start `dualwrite serve` in its own process; yield its base URL; stop it afterwards."""
+    """Start `dualwrite serve` in its own process; yield its base URL; stop it afterwards.
+
+    A variable given as None in ``env`` is removed from the process's environment."""
     port = port or free_port()
-    environment = {
+    environment: dict[str, str | None] = {
         **os.environ,
         "DUALWRITE_TOKEN_SECRET": TOKEN_SECRET,
         "DUALWRITE_STORE_URL": f"sqlite:///{data_dir}/messages.db",
         "DUALWRITE_QUEUE_PATH": str(data_dir / f"queue-{port}.db"),
         **(env or {}),
     }
-    with spawn(environment, data_dir / f"serve-{port}.log", *args, port=port) as (base, _):
+    present = {name: value for name, value in environment.items() if value is not None}
+    with spawn(present, data_dir / f"serve-{port}.log", *args, port=port) as (base, _):
         yield base
 
 

@@ -30,6 +30,12 @@ class BackendContext:
     """Upper bound for one backend call; drivers that take a timeout are given this one."""
     migrate_on_start: bool = False
     """Stores with a schema (PostgreSQL) create or upgrade it when they connect."""
+    memory_max_bytes: int = Settings.memory_max_bytes
+    """The `memory://` realtime tier refuses writes past this many bytes held."""
+    memory_max_claims: int = Settings.memory_max_claims
+    """The `memory://` realtime tier refuses idempotency keys past this many held."""
+    memory_max_buckets: int = Settings.memory_max_buckets
+    """The `memory://` realtime tier keeps at most this many rate-limit buckets."""
 
 
 # The extra (pyproject.toml) that brings each backend's driver.

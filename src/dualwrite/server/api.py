@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,9 +22,9 @@ from dualwrite.errors import (
     TextTooLong,
 )
 from dualwrite.history import DEFAULT_PAGE_SIZE
-from dualwrite.model import ChannelRef, User
+from dualwrite.model import ChannelMessage, ChannelRef, User, history_cursor
 from dualwrite.server.auth import Identity, Unauthorized, bearer_token
-from dualwrite.server.ratelimit import retry_after_header
+from dualwrite.server.ratelimit import Charge, Limit, retry_after_header
 from dualwrite.server.state import server_state
 from dualwrite.validation import check_channel, check_id
 
@@ -32,13 +33,21 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Request], Awaitable[Response]]
 AuthenticatedHandler = Callable[[Request, Identity], Awaitable[Response]]
 
+_LIMIT = re.compile(r"[0-9]{1,6}")
+
 
 class ApiError(Exception):
     """An answer other than success, raised from anywhere in a handler."""
 
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
+    def __init__(
+        self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
         self.status = status
         self.body = body
+        self.headers = headers
+
+    def response(self) -> Response:
+        return JSONResponse(self.body, self.status, headers=self.headers)
 
 
 def api_endpoint(handler: AuthenticatedHandler) -> Handler:
@@ -52,7 +61,7 @@ def api_endpoint(handler: AuthenticatedHandler) -> Handler:
         except Unauthorized as error:
             return JSONResponse({"error": "unauthorized", "detail": str(error)}, 401)
         except ApiError as error:
-            return JSONResponse(error.body, error.status)
+            return error.response()
         except BackendError as error:
             log.warning("backend unavailable: path=%s error=%s", request.url.path, error)
             return JSONResponse({"error": "temporarily unavailable, try again"}, 503)
@@ -62,6 +71,22 @@ def api_endpoint(handler: AuthenticatedHandler) -> Handler:
             return JSONResponse({"error": str(error), "field": error.field}, 422)
 
     return endpoint
+
+
+async def rate_limit(request: Request, *charges: Charge) -> None:
+    """Raise a 429 (with `Retry-After`) if a charge is over its limit."""
+    state = server_state(request)
+    wait_s = await state.limits.wait_s(state.dw, *charges)
+    if wait_s:
+        raise ApiError(
+            429,
+            {"error": "too many requests: slow down"},
+            headers={"Retry-After": retry_after_header(wait_s)},
+        )
+
+
+def user_key(identity: Identity) -> str:
+    return f"{identity.workspace_id}/{identity.user.id}"
 
 
 def channel_of(request: Request, identity: Identity) -> ChannelRef:
@@ -76,14 +101,15 @@ async def send(request: Request, identity: Identity) -> Response:
     """`POST .../messages`: 201 saved, 202 pending (with the warning), 503 failed to send."""
     channel = channel_of(request, identity)
     state = server_state(request)
-    wait_s = state.limiter.acquire((identity.workspace_id, identity.user.id))
-    if wait_s:
-        return JSONResponse(
-            {"error": "too many messages: slow down"},
-            429,
-            headers={"Retry-After": retry_after_header(wait_s)},
-        )
     body = await json_body(request, state.settings.max_body_bytes)
+    text = body.get("text")
+    size = len(text.encode("utf-8", "surrogatepass")) if isinstance(text, str) else 0
+    await rate_limit(
+        request,
+        (Limit.SEND, user_key(identity), 1),
+        (Limit.SEND_BYTES, user_key(identity), size),
+        (Limit.CHANNEL_BYTES, f"{channel.workspace_id}/{channel.channel_id}", size),
+    )
     client_message_id = body.get("clientMessageId")
     if client_message_id is not None and not isinstance(client_message_id, str):
         raise InvalidInput("clientMessageId", "must be a string")
@@ -91,7 +117,7 @@ async def send(request: Request, identity: Identity) -> Response:
         result = await state.dw.send_message(
             channel.workspace_id,
             channel.channel_id,
-            body.get("text"),  # type: ignore[arg-type]  # checked by send_message
+            text,  # type: ignore[arg-type]  # checked by send_message
             identity.user,
             client_message_id=client_message_id,
         )
@@ -128,23 +154,43 @@ async def history(request: Request, identity: Identity) -> Response:
     state = server_state(request)
     most = state.settings.max_history
     raw_limit = request.query_params.get("limit", str(DEFAULT_PAGE_SIZE))
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= most:
+    # ASCII digits only, and few: "²".isdigit() is True, and int() refuses 5,000 digits.
+    if not _LIMIT.fullmatch(raw_limit) or not 1 <= int(raw_limit) <= most:
         raise InvalidInput("limit", f"must be a whole number from 1 to {most}")
+    await rate_limit(request, (Limit.HISTORY, user_key(identity), 1))
     page = await state.dw.history(
         channel.workspace_id,
         channel.channel_id,
         request.query_params.get("before") or None,
         int(raw_limit),
     )
+    shown, next_before = _within_bytes(page.messages, state.settings.max_history_bytes)
     return JSONResponse(
-        {"messages": [m.to_wire() for m in page.messages], "nextBefore": page.next_before}
+        {"messages": [m.to_wire() for m in shown], "nextBefore": next_before or page.next_before}
     )
+
+
+def _within_bytes(
+    messages: list[ChannelMessage], max_bytes: int
+) -> tuple[list[ChannelMessage], str | None]:
+    """The first messages whose text and names fit ``max_bytes`` (at least one), and the
+    cursor after the last one shown when some were cut."""
+    total = 0
+    for count, message in enumerate(messages):
+        total += len(message.text.encode("utf-8", "surrogatepass")) + len(
+            message.user_name.encode("utf-8", "surrogatepass")
+        )
+        if total > max_bytes and count > 0:
+            shown = messages[:count]
+            return shown, history_cursor(*shown[-1].sort_key)
+    return messages, None
 
 
 async def retry(request: Request, identity: Identity) -> Response:
     """`POST .../messages/{id}/persist`: the manual retry, with the same id."""
     channel = channel_of(request, identity)
     message_id = check_id("messageId", request.path_params["id"])
+    await rate_limit(request, (Limit.PERSIST, user_key(identity), 1))
     try:
         status = await server_state(request).dw.retry(
             message_id, channel.workspace_id, channel.channel_id
@@ -180,18 +226,30 @@ async def queue(request: Request, identity: Identity) -> Response:
     )
 
 
+async def renew(request: Request, identity: Identity) -> Response:
+    """`POST /api/auth/renew`: a fresh token for the caller, before theirs expires."""
+    await rate_limit(request, (Limit.SIGN_IN, user_key(identity), 1))
+    token, expires_at_ms = server_state(request).signer.issue(
+        Identity(identity.user, identity.workspace_id)
+    )
+    return JSONResponse({"token": token, "expiresAt": expires_at_ms})
+
+
 async def dev_token(request: Request) -> Response:
     """`POST /api/dev/token`: the page's development sign-in (only when turned on)."""
     state = server_state(request)
     try:
+        client = request.client.host if request.client else "unknown"
+        await rate_limit(request, (Limit.SIGN_IN, client, 1))
         body = await json_body(request, state.settings.max_body_bytes)
         identity = Identity(
             User(str(body.get("userId", "")), str(body.get("userName", ""))),
             str(body.get("workspaceId", "")),
         )
-        return JSONResponse({"token": state.signer.mint(identity)})
+        token, expires_at_ms = state.signer.issue(identity)
+        return JSONResponse({"token": token, "expiresAt": expires_at_ms})
     except ApiError as error:
-        return JSONResponse(error.body, error.status)
+        return error.response()
     except InvalidInput as error:
         return JSONResponse({"error": str(error), "field": error.field}, 422)
 
@@ -209,7 +267,8 @@ async def json_body(request: Request, max_bytes: int) -> dict[str, Any]:
             raise too_large
     try:
         parsed = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # RecursionError: deeply nested arrays exhaust the parser's stack.
         raise ApiError(400, {"error": "the body must be a JSON object"}) from None
     if not isinstance(parsed, dict):
         raise ApiError(400, {"error": "the body must be a JSON object"})

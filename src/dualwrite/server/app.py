@@ -7,25 +7,34 @@ lifespan opens the library (`open_dualwrite`) for as long as the server runs.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import prometheus_client
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
-from dualwrite import metrics
+from dualwrite.errors import BadSetting
 from dualwrite.runtime import open_dualwrite
 from dualwrite.server import api, sockets
-from dualwrite.server.auth import Authenticator, FirebaseIdTokens, TokenSigner
+from dualwrite.server.auth import (
+    Authenticator,
+    FirebaseIdTokens,
+    TokenSigner,
+    auth_emulator_host,
+)
 from dualwrite.server.openapi import OPENAPI
-from dualwrite.server.ratelimit import RateLimiter
-from dualwrite.server.state import ServerState, server_state
+from dualwrite.server.ratelimit import RateLimits
+from dualwrite.server.security import HostCheck, HostPolicy, SecurityHeaders, is_loopback
+from dualwrite.server.state import ServerState
 from dualwrite.service import DualWrite
 from dualwrite.settings import ServerSettings, Settings
 
@@ -42,7 +51,12 @@ def create_app(
     *,
     open_runtime: OpenRuntime | None = None,
 ) -> Starlette:
-    """The server app; ``open_runtime`` replaces `open_dualwrite(settings)` (for tests)."""
+    """The server app; ``open_runtime`` replaces `open_dualwrite(settings)` (for tests).
+
+    Raises `BadSetting` for a configuration that would open the server to anyone: dev sign-in
+    off a loopback bind, or an Auth emulator in the environment without its flag.
+    """
+    check_exposure(server_settings)
     secret = server_settings.token_secret
     if secret is None:
         secret = secrets.token_urlsafe(48)
@@ -50,13 +64,19 @@ def create_app(
             "DUALWRITE_TOKEN_SECRET is not set: using a random secret; tokens end with "
             "this process and are not shared with other servers"
         )
-    signer = TokenSigner(secret)
-    firebase = server_settings.firebase_project
+    signer = TokenSigner(secret, server_settings)
+    firebase = None
+    if server_settings.firebase_project:
+        firebase = FirebaseIdTokens(
+            server_settings.firebase_project,
+            server_settings.token_max_lifetime_s,
+            emulated=server_settings.firebase_auth_emulator,
+        )
     state = ServerState(
         settings=server_settings,
         signer=signer,
-        authenticator=Authenticator(signer, FirebaseIdTokens(firebase) if firebase else None),
-        limiter=RateLimiter(server_settings.send_rate_per_s, server_settings.send_burst),
+        authenticator=Authenticator(signer, firebase),
+        limits=RateLimits(server_settings, time.monotonic),
     )
     opener = open_runtime or (lambda: open_dualwrite(settings))
 
@@ -70,20 +90,74 @@ def create_app(
     routes = [
         Route("/", page),
         Route("/healthz", health),
-        Route("/metrics", metrics_endpoint),
         Route("/openapi.json", openapi),
         Route(messages, api.api_endpoint(api.send), methods=["POST"]),
         Route(messages, api.api_endpoint(api.history), methods=["GET"]),
         Route(messages + "/{id}/persist", api.api_endpoint(api.retry), methods=["POST"]),
         Route("/api/queue", api.api_endpoint(api.queue), methods=["GET"]),
+        Route("/api/auth/renew", api.api_endpoint(api.renew), methods=["POST"]),
         WebSocketRoute("/ws/workspaces/{ws}/channels/{ch}", sockets.live),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    if server_settings.dev_sign_in_enabled:
+    if server_settings.metrics_token:
+        routes.append(Route("/metrics", metrics_behind_token(server_settings.metrics_token)))
+    if server_settings.dev_sign_in:
         routes.append(Route("/api/dev/token", api.dev_token, methods=["POST"]))
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        # Outermost first: the Host check's refusals carry the security headers too.
+        middleware=[
+            Middleware(SecurityHeaders),
+            Middleware(
+                HostCheck, policy=HostPolicy(server_settings.host, server_settings.extra_hosts)
+            ),
+        ],
+    )
     app.state.server = state
     return app
+
+
+def check_exposure(server_settings: ServerSettings) -> None:
+    """Refuse the settings that would let anyone in; log the development ones that are on."""
+    if server_settings.dev_sign_in and not is_loopback(server_settings.host):
+        raise BadSetting(
+            f"--dev-sign-in lets anyone sign in as anyone: it is refused on {server_settings.host}"
+            " (bind to 127.0.0.1, or configure DUALWRITE_TOKEN_SECRET and mint tokens)"
+        )
+    emulator = auth_emulator_host()
+    if server_settings.firebase_project and emulator:
+        if not server_settings.firebase_auth_emulator:
+            raise BadSetting(
+                f"FIREBASE_AUTH_EMULATOR_HOST={emulator} would make the server accept unsigned "
+                "Firebase tokens for anyone: unset it, or pass --firebase-auth-emulator "
+                "(development only)"
+            )
+        log.warning(
+            "FIREBASE AUTH EMULATOR: accepting UNSIGNED Firebase tokens from %s (development only)",
+            emulator,
+        )
+    if server_settings.dev_sign_in:
+        log.warning(
+            "DEVELOPMENT SIGN-IN IS ON: anyone who reaches this server can sign in as anyone"
+        )
+
+
+def metrics_app() -> Starlette:
+    """`/metrics` alone, for its own bind (`--metrics-host`)."""
+    return Starlette(routes=[Route("/metrics", metrics_endpoint)])
+
+
+def metrics_behind_token(token: str) -> Callable[[Request], Awaitable[Response]]:
+    expected = f"Bearer {token}".encode()
+
+    async def endpoint(request: Request) -> Response:
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            return JSONResponse({"error": "unauthorized"}, 401)
+        return await metrics_endpoint(request)
+
+    return endpoint
 
 
 async def page(request: Request) -> Response:
@@ -99,8 +173,8 @@ async def health(request: Request) -> Response:
 
 
 async def metrics_endpoint(request: Request) -> Response:
-    with contextlib.suppress(RuntimeError):  # before the lifespan: no queue to count yet
-        metrics.QUEUE_DEPTH.set(await server_state(request).dw.queue_depth())
+    # Gauges are kept current by the code that changes them (the queue depth by the send
+    # path and the retrier): a scrape reads memory, never a backend.
     return Response(
         prometheus_client.generate_latest(), media_type=prometheus_client.CONTENT_TYPE_LATEST
     )

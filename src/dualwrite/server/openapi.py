@@ -40,6 +40,7 @@ _COMMON = {
     "401": _error("missing, forged or expired token"),
     "403": _error("the channel is in another workspace"),
     "422": _error("bad input; `field` names it"),
+    "429": _error("the user is over a rate limit; see Retry-After"),
 }
 
 OPENAPI: dict[str, Any] = {
@@ -83,7 +84,6 @@ OPENAPI: dict[str, Any] = {
                     "202": {"description": "delivered, not saved yet (warning; queued)"},
                     "400": _error("the body is not a JSON object"),
                     "413": _error("text or body too long"),
-                    "429": _error("the user sends too fast; see Retry-After"),
                     "503": _error("Message failed to send. Retry?"),
                     **_COMMON,
                 },
@@ -132,6 +132,32 @@ OPENAPI: dict[str, Any] = {
                     **_COMMON,
                 },
             },
+        },
+        "/api/auth/renew": {
+            "post": {
+                "summary": "A fresh token for the caller (renew before `exp`)",
+                "responses": {
+                    "200": {
+                        "description": "the new token and its expiry",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {
+                                        "token": {"type": "string"},
+                                        "expiresAt": {
+                                            "type": "integer",
+                                            "description": "ms since the epoch",
+                                        },
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "401": _COMMON["401"],
+                    "429": _COMMON["429"],
+                },
+            }
         },
         "/api/queue": {
             "get": {

@@ -1,14 +1,22 @@
 """`/ws/workspaces/{ws}/channels/{ch}`: live delivery of a channel to one socket.
 
-The socket authenticates (a `?token=` or a first frame `{"token": ...}`), then receives one
-JSON frame per message: with `?after=<id>`, what came after that id first. A socket too slow
-for its buffer is closed with 1013 and resumes with `?after=` its last id.
+The socket authenticates within `ws_auth_timeout_s` with its first frame `{"token": ...}` (at
+most `ws_first_frame_bytes`; a `?token=` query is still accepted, and masked in every log),
+then receives one JSON frame per message: with `?after=<id>`, what came after that id first. A
+socket too slow for its buffer is closed with 1013 and resumes with `?after=` its last id. The
+socket is closed with 4401 when its token expires (the page renews it before then).
+
+Caps, per process: sockets still waiting for their token (in all, and per client address:
+refused with HTTP 403), live sockets per user and in all (closed with 1008); and connects per
+user a second, shared through the realtime tier (1008).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -17,17 +25,44 @@ from dualwrite.errors import InvalidInput
 from dualwrite.model import ChannelRef
 from dualwrite.server.auth import Identity, Unauthorized
 from dualwrite.server.live import Overflowed
+from dualwrite.server.ratelimit import Limit
 from dualwrite.server.state import server_state
 from dualwrite.validation import check_channel, check_id
 
 
+class _Refused(Exception):
+    """Close the socket with this code and reason."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+
+
 async def live(websocket: WebSocket) -> None:
-    await websocket.accept()
-    try:
-        identity = await _identify(websocket)
-    except Unauthorized as error:
-        await websocket.close(4401, reason=str(error)[:100])
+    state = server_state(websocket)
+    settings, counts = state.settings, state.sockets
+    address = websocket.client.host if websocket.client else "unknown"
+    if (
+        counts.unauthenticated >= settings.ws_max_unauthenticated
+        or counts.unauthenticated_by_address[address] >= settings.ws_max_unauthenticated_per_address
+    ):
+        # Refused before the handshake completes: the client gets an HTTP 403.
+        await websocket.close(1008, reason="too many sockets waiting to sign in")
         return
+    counts.waiting(address)
+    try:
+        await websocket.accept()
+        identity = await _identify(websocket)
+    except _Refused as refused:
+        await _close(websocket, refused.code, refused.reason)
+        return
+    except Unauthorized as error:
+        await _close(websocket, 4401, str(error))
+        return
+    except WebSocketDisconnect:
+        return
+    finally:
+        counts.done_waiting(address)
     try:
         channel = check_channel(websocket.path_params["ws"], websocket.path_params["ch"])
         after = websocket.query_params.get("after") or None
@@ -39,13 +74,40 @@ async def live(websocket: WebSocket) -> None:
     if channel.workspace_id != identity.workspace_id:
         await websocket.close(4403, reason="forbidden: not your workspace")
         return
+    user = f"{identity.workspace_id}/{identity.user.id}"
+    if await state.limits.wait_s(state.dw, (Limit.CONNECT, user, 1)):
+        await websocket.close(1008, reason="too many connects: slow down")
+        return
+    if counts.by_user[user] >= settings.ws_max_per_user or counts.live >= settings.ws_max_sockets:
+        await websocket.close(1008, reason="too many sockets")
+        return
+    counts.join(user)
     metrics.WEBSOCKETS.inc()
     try:
-        await _deliver(websocket, channel, after)
+        await _deliver_until_expiry(websocket, channel, after, identity)
     except (WebSocketDisconnect, RuntimeError):
         pass
     finally:
         metrics.WEBSOCKETS.dec()
+        counts.leave(user)
+
+
+async def _deliver_until_expiry(
+    websocket: WebSocket, channel: ChannelRef, after: str | None, identity: Identity
+) -> None:
+    """Deliver until the client leaves, falls behind, or its token expires (4401)."""
+    delivery = asyncio.create_task(_deliver(websocket, channel, after))
+    remaining = None if identity.expires_at is None else identity.expires_at - time.time()
+    try:
+        done, _ = await asyncio.wait({delivery}, timeout=remaining)
+    finally:
+        if not delivery.done():
+            delivery.cancel()
+            await asyncio.gather(delivery, return_exceptions=True)
+    if delivery in done:
+        delivery.result()
+        return
+    await websocket.close(4401, reason="token expired: renew it and reconnect")
 
 
 async def _deliver(websocket: WebSocket, channel: ChannelRef, after: str | None) -> None:
@@ -58,26 +120,52 @@ async def _deliver(websocket: WebSocket, channel: ChannelRef, after: str | None)
 
         sender = asyncio.create_task(forward())
         reader = asyncio.create_task(_drain_client(websocket))
-        done, pending = await asyncio.wait({sender, reader}, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        try:
+            done, _ = await asyncio.wait({sender, reader}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # Also when cancelled (token expiry): neither task may outlive the socket.
+            for task in (sender, reader):
+                task.cancel()
+            await asyncio.gather(sender, reader, return_exceptions=True)
         if sender in done and isinstance(sender.exception(), Overflowed):
             await websocket.close(1013, reason="too slow: reconnect with ?after=<last id>")
 
 
 async def _identify(websocket: WebSocket) -> Identity:
+    """The socket's identity, from `?token=` or its first frame, within the auth timeout."""
     state = server_state(websocket)
-    token = websocket.query_params.get("token")
-    if not token:
-        try:
-            first = await asyncio.wait_for(
-                websocket.receive_text(), state.settings.ws_auth_timeout_s
-            )
-            token = str(json.loads(first).get("token", ""))
-        except (TimeoutError, ValueError, AttributeError, WebSocketDisconnect):
-            raise Unauthorized('send {"token": ...} as the first frame') from None
-    return await state.authenticator.identify(token)
+    try:
+        async with asyncio.timeout(state.settings.ws_auth_timeout_s):
+            token = websocket.query_params.get("token") or await _first_frame_token(websocket)
+            return await state.authenticator.identify(token)
+    except TimeoutError:
+        raise Unauthorized('send {"token": ...} as the first frame, at once') from None
+
+
+async def _first_frame_token(websocket: WebSocket) -> str:
+    limit = server_state(websocket).settings.ws_first_frame_bytes
+    message = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000))
+    text = message.get("text")
+    if text is None:
+        raise _Refused(1003, 'the first frame must be text: {"token": ...}')
+    if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
+        raise _Refused(1009, f"the first frame is over {limit} bytes")
+    try:
+        first = json.loads(text)
+    except (ValueError, RecursionError):
+        raise Unauthorized('the first frame must be {"token": ...}') from None
+    token = first.get("token") if isinstance(first, dict) else None
+    if not isinstance(token, str) or not token:
+        raise Unauthorized('the first frame must be {"token": ...}')
+    return token
+
+
+async def _close(websocket: WebSocket, code: int, reason: str) -> None:
+    # A close reason is at most 123 bytes; keep it short and ASCII-safe.
+    with contextlib.suppress(RuntimeError):  # the client may have gone already
+        await websocket.close(code, reason=reason.encode("ascii", "replace")[:100].decode())
 
 
 async def _drain_client(websocket: WebSocket) -> None:

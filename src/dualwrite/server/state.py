@@ -2,15 +2,47 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from starlette.requests import HTTPConnection
 
 from dualwrite.server.auth import Authenticator, TokenSigner
 from dualwrite.server.live import LiveHub
-from dualwrite.server.ratelimit import RateLimiter
+from dualwrite.server.ratelimit import RateLimits
 from dualwrite.service import DualWrite
 from dualwrite.settings import ServerSettings
+
+
+@dataclass
+class SocketCounts:
+    """This process's WebSockets: waiting for their token (by client address), and live
+    ones (by user)."""
+
+    unauthenticated: int = 0
+    unauthenticated_by_address: Counter[str] = field(default_factory=Counter)
+    live: int = 0
+    by_user: Counter[str] = field(default_factory=Counter)
+
+    def waiting(self, address: str) -> None:
+        self.unauthenticated += 1
+        self.unauthenticated_by_address[address] += 1
+
+    def done_waiting(self, address: str) -> None:
+        self.unauthenticated -= 1
+        self.unauthenticated_by_address[address] -= 1
+        if self.unauthenticated_by_address[address] <= 0:
+            del self.unauthenticated_by_address[address]
+
+    def join(self, user_key: str) -> None:
+        self.live += 1
+        self.by_user[user_key] += 1
+
+    def leave(self, user_key: str) -> None:
+        self.live -= 1
+        self.by_user[user_key] -= 1
+        if self.by_user[user_key] <= 0:
+            del self.by_user[user_key]
 
 
 @dataclass
@@ -18,7 +50,8 @@ class ServerState:
     settings: ServerSettings
     signer: TokenSigner
     authenticator: Authenticator
-    limiter: RateLimiter
+    limits: RateLimits
+    sockets: SocketCounts = field(default_factory=SocketCounts)
     _dw: DualWrite | None = field(default=None, init=False)
     _hub: LiveHub | None = field(default=None, init=False)
 

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 from dualwrite.errors import SendFailed
 from dualwrite.model import User
 from dualwrite.service import DualWrite
-from dualwrite.settings import Settings
+from dualwrite.settings import ServerSettings, Settings
 
 WORKSPACE = "bench"
 
@@ -400,8 +400,15 @@ def bench_server(settings: Settings, scratch: str) -> Iterator[tuple[str, str, i
         "DUALWRITE_REALTIME_URL": settings.realtime_url,
         "DUALWRITE_STORE_URL": settings.store_url,
         "DUALWRITE_QUEUE_PATH": str(Path(scratch, "server-queue.db")),
-        "DUALWRITE_SEND_RATE_PER_S": "0",  # one bench user sends everything
+        # One bench user sends everything and holds every socket: its limits are off.
+        "DUALWRITE_SEND_RATE_PER_S": "0",
+        "DUALWRITE_SEND_BYTES_PER_S": "0",
+        "DUALWRITE_CHANNEL_BYTES_PER_S": "0",
+        "DUALWRITE_READ_RATE_PER_S": "0",
+        "DUALWRITE_WS_MAX_PER_USER": "100000",
     }
     with serve_process(env, Path(scratch, "server.log")) as (base, pid):
-        token = TokenSigner(secret).mint(Identity(User("bench-user", "Bench"), "bench"))
+        token = TokenSigner(secret, ServerSettings()).mint(
+            Identity(User("bench-user", "Bench"), "bench")
+        )
         yield base, token, pid

@@ -181,7 +181,11 @@ async def _environment(postgres_url: str, workdir: Path) -> AsyncIterator[dict[s
         "DUALWRITE_RETRY_POLL_S": "0.2",
         "DUALWRITE_RECONCILE_INTERVAL_S": "2",
         "DUALWRITE_RECONCILE_GRACE_S": "3",
+        # One chaos user sends everything: its limits are off.
         "DUALWRITE_SEND_RATE_PER_S": "0",
+        "DUALWRITE_SEND_BYTES_PER_S": "0",
+        "DUALWRITE_CHANNEL_BYTES_PER_S": "0",
+        "DUALWRITE_READ_RATE_PER_S": "0",
     }
     servers = [_Server("a", env, workdir), _Server("b", env, workdir)]
     try:
@@ -258,12 +262,15 @@ async def run_chaos(
 
     from dualwrite.model import User
     from dualwrite.server.auth import Identity, TokenSigner
+    from dualwrite.settings import ServerSettings
 
     report = ChaosReport(sent=messages)
     with tempfile.TemporaryDirectory(prefix="dualwrite-chaos-") as scratch:
         async with _environment(postgres_url, Path(scratch)) as env:
             servers: list[_Server] = env["servers"]
-            token = TokenSigner(env["secret"]).mint(Identity(User("chaos", "Chaos"), "chaos"))
+            token = TokenSigner(env["secret"], ServerSettings()).mint(
+                Identity(User("chaos", "Chaos"), "chaos")
+            )
             headers = {"authorization": f"Bearer {token}"}
             acked: dict[int, tuple[str, int]] = {}
             failed: set[int] = set()

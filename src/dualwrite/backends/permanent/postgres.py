@@ -29,7 +29,7 @@ from dualwrite.model import (
     parse_history_cursor,
 )
 from dualwrite.ports import PermanentStore
-from dualwrite.settings import redact_url
+from dualwrite.redact import redact_url
 
 log = logging.getLogger(__name__)
 

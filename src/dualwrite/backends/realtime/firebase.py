@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
@@ -29,7 +29,7 @@ from dualwrite.backends._recent import RecentIds
 from dualwrite.clock import Clock
 from dualwrite.errors import UnknownBackend
 from dualwrite.model import ChannelRef, RealtimeMessage
-from dualwrite.ports import RealtimeTier, SendClaim, SendKey
+from dualwrite.ports import RealtimeTier, SendClaim, SendKey, TokenRequest
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -177,6 +177,8 @@ class FirebaseRealtimeTier:
         for workspace in await self._run(self._ref("sends").get, False, True) or {}:
             for user in await self._run(self._ref(f"sends/{workspace}").get, False, True) or {}:
                 await self._delete_expired(self._ref(f"sends/{workspace}/{user}"), now_ms)
+        # Rate-limit buckets expire once they would be full again.
+        await self._delete_expired(self._ref("limits"), now_ms)
         return deleted
 
     async def _delete_expired(self, parent: db.Reference, now_ms: int) -> int:
@@ -209,6 +211,44 @@ class FirebaseRealtimeTier:
 
         held = await self._run(ref.transaction, bind)
         return SendClaim(str(held["messageId"]), int(held["timestamp"]), str(held["fingerprint"]))
+
+    async def take_tokens(self, requests: Sequence[TokenRequest]) -> float:
+        # One transaction per bucket (a multi-location transaction would read all of limits/):
+        # a refusing bucket stops the round, and the ones before it stay charged.
+        for request in requests:
+            wait = await self._take_one(request)
+            if wait > 0:
+                return wait
+        return 0.0
+
+    async def _take_one(self, request: TokenRequest) -> float:
+        # One flat child per bucket: its key escaped into a single Realtime Database key.
+        ref = self._ref(f"limits/{_escape_key(request.key)}")
+        cost, rate, burst = request.cost, request.rate_per_s, request.burst
+        waits: list[float] = []
+
+        def take(current: Any) -> Any:
+            now_ms = self._clock.now_ms()
+            tokens, stamp = burst, now_ms
+            if isinstance(current, dict):
+                tokens = float(current.get("tokens", burst))
+                stamp = int(current.get("stamp", now_ms))
+            tokens = min(burst, tokens + max(0, now_ms - stamp) / 1000 * rate)
+            waits.append(0.0 if tokens >= cost else (cost - tokens) / rate)
+            if tokens >= cost:
+                tokens -= cost
+            full_at = now_ms + int((burst - tokens) / rate * 1000) + 1000
+            return {"tokens": tokens, "stamp": now_ms, "ttl": full_at}
+
+        await self._run(ref.transaction, take)
+        return waits[-1]  # the attempt that was committed is the last one run
+
+
+def _escape_key(key: str) -> str:
+    """``key`` as one Realtime Database key: `. $ # [ ] / %` and controls as %XX."""
+    return "".join(
+        f"%{ord(c):02X}" if c in ".$#[]/%" or ord(c) < 0x20 or ord(c) == 0x7F else c for c in key
+    )
 
 
 def _listening(registration: db.ListenerRegistration) -> bool:

@@ -1,26 +1,35 @@
 """In-process realtime tier: the embedded default, and the fake the unit tests run on.
 
-It reaches subscribers of this process only; use Redis or Firebase to share a tier.
+It reaches subscribers of this process only; use Redis or Firebase to share a tier. What it
+holds is capped (`Settings.memory_max_bytes`, `memory_max_claims`): past a cap a write fails
+(the send answers "Message failed to send. Retry?") rather than evict anything, since an entry
+may not be saved yet.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from dualwrite.backends import BackendContext
+from dualwrite.backends._buckets import TokenBuckets
 from dualwrite.backends._recent import RecentIds
 from dualwrite.clock import Clock
+from dualwrite.errors import BackendError
 from dualwrite.model import ChannelRef, RealtimeMessage
-from dualwrite.ports import RealtimeTier, SendClaim, SendKey
+from dualwrite.ports import RealtimeTier, SendClaim, SendKey, TokenRequest
 
 
 class MemoryRealtimeTier:
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, max_bytes: int, max_claims: int, max_buckets: int) -> None:
         self._clock = clock
+        self._max_bytes = max_bytes
+        self._max_claims = max_claims
+        self._bytes = 0
         self._channels: dict[ChannelRef, dict[str, RealtimeMessage]] = {}
         self._subscribers: dict[ChannelRef, set[asyncio.Queue[RealtimeMessage]]] = {}
         self._claims: dict[SendKey, tuple[SendClaim, int]] = {}
+        self._buckets = TokenBuckets(lambda: clock.now_ms() / 1000, max_keys=max_buckets)
 
     async def connect(self) -> None:
         pass
@@ -29,6 +38,15 @@ class MemoryRealtimeTier:
         pass
 
     async def write(self, channel: ChannelRef, message: RealtimeMessage) -> None:
+        entries = self._channels.get(channel, {})
+        replaced = entries.get(message.message_id)
+        held = self._bytes - (_size(replaced) if replaced else 0) + _size(message)
+        if held > self._max_bytes:
+            self.sweep_now()
+            held = self._bytes - (_size(replaced) if replaced else 0) + _size(message)
+        if held > self._max_bytes:
+            raise BackendError(f"the memory realtime tier is full ({self._max_bytes} bytes)")
+        self._bytes = held
         self._channels.setdefault(channel, {})[message.message_id] = message
         for queue in self._subscribers.get(channel, ()):
             queue.put_nowait(message)
@@ -49,7 +67,9 @@ class MemoryRealtimeTier:
         return [m for _, m in zip(range(limit), live, strict=False)]
 
     async def delete(self, channel: ChannelRef, message_id: str) -> None:
-        self._channels.get(channel, {}).pop(message_id, None)
+        removed = self._channels.get(channel, {}).pop(message_id, None)
+        if removed is not None:
+            self._bytes -= _size(removed)
 
     async def subscribe(
         self, channel: ChannelRef, after_id: str | None = None
@@ -78,16 +98,23 @@ class MemoryRealtimeTier:
     async def channels(self) -> list[ChannelRef]:
         return sorted(self._channels)
 
+    def sweep_now(self) -> int:
+        """Drop what has expired by the clock now (a full tier tries this before refusing)."""
+        return self._sweep(self._clock.now_ms())
+
     async def sweep_expired(self, now_ms: int) -> int:
+        return self._sweep(now_ms)
+
+    def _sweep(self, now_ms: int) -> int:
+        self._claims = {k: v for k, v in self._claims.items() if v[1] > now_ms}
         deleted = 0
         for channel, entries in list(self._channels.items()):
             expired = [i for i, m in entries.items() if m.expired(now_ms)]
             for message_id in expired:
-                del entries[message_id]
+                self._bytes -= _size(entries.pop(message_id))
             deleted += len(expired)
             if not entries:
                 del self._channels[channel]
-        self._claims = {k: v for k, v in self._claims.items() if v[1] > now_ms}
         return deleted
 
     async def claim_send(self, key: SendKey, claim: SendClaim, ttl_ms: int) -> SendClaim:
@@ -95,9 +122,32 @@ class MemoryRealtimeTier:
         held = self._claims.get(key)
         if held is not None and held[1] > now:
             return held[0]
+        if held is None and len(self._claims) >= self._max_claims:
+            self._claims = {k: v for k, v in self._claims.items() if v[1] > now}
+            if len(self._claims) >= self._max_claims:
+                raise BackendError(f"the memory realtime tier holds {self._max_claims} claims")
         self._claims[key] = (claim, now + ttl_ms)
         return claim
 
+    async def take_tokens(self, requests: Sequence[TokenRequest]) -> float:
+        return self._buckets.take(requests)
+
+
+def _size(message: RealtimeMessage) -> int:
+    """What an entry costs: its strings in UTF-8 plus a fixed overhead for the record."""
+    return (
+        len(message.text.encode("utf-8", "surrogatepass"))
+        + len(message.user_name.encode("utf-8", "surrogatepass"))
+        + len(message.user_id)
+        + len(message.message_id)
+        + 200
+    )
+
 
 def create(url: str, context: BackendContext) -> RealtimeTier:
-    return MemoryRealtimeTier(context.clock)
+    return MemoryRealtimeTier(
+        context.clock,
+        context.memory_max_bytes,
+        context.memory_max_claims,
+        context.memory_max_buckets,
+    )

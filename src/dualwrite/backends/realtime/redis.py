@@ -24,7 +24,7 @@ from dualwrite.backends._recent import RecentIds
 from dualwrite.clock import Clock
 from dualwrite.ids import time_prefix
 from dualwrite.model import REALTIME_TTL_MS, ChannelRef, RealtimeMessage
-from dualwrite.ports import RealtimeTier, SendClaim, SendKey
+from dualwrite.ports import RealtimeTier, SendClaim, SendKey, TokenRequest
 
 _WRITE = """
 local t = redis.call('TIME')
@@ -37,6 +37,32 @@ redis.call('ZREMRANGEBYLEX', KEYS[2], '-', '(' .. ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
 redis.call('PEXPIRE', KEYS[3], ARGV[5])
 return sid
+"""
+
+# Token buckets, one hash {tokens, stamp} per key, on Redis's clock; all or nothing: if one
+# bucket lacks its cost, none is charged. ARGV holds cost, rate, burst per key. A bucket is
+# forgotten once it would be full again.
+_TAKE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local levels, wait = {}, 0
+for i, key in ipairs(KEYS) do
+  local cost, rate, burst = tonumber(ARGV[3*i-2]), tonumber(ARGV[3*i-1]), tonumber(ARGV[3*i])
+  local held = redis.call('HMGET', key, 'tokens', 'stamp')
+  local tokens = tonumber(held[1]) or burst
+  local stamp = tonumber(held[2]) or now
+  tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate)
+  levels[i] = tokens
+  if tokens < cost then wait = math.max(wait, (cost - tokens) / rate) end
+end
+if wait > 0 then return tostring(wait) end
+for i, key in ipairs(KEYS) do
+  local cost, rate, burst = tonumber(ARGV[3*i-2]), tonumber(ARGV[3*i-1]), tonumber(ARGV[3*i])
+  local tokens = levels[i] - cost
+  redis.call('HSET', key, 'tokens', tostring(tokens), 'stamp', tostring(now))
+  redis.call('PEXPIRE', key, math.ceil((burst - tokens) / rate * 1000) + 1000)
+end
+return '0'
 """
 
 _BLOCK_MS = 1000
@@ -54,6 +80,7 @@ class RedisRealtimeTier:
         self._redis: aioredis.Redis | None = None
         self._listen_redis: aioredis.Redis | None = None
         self._write_script: Any = None
+        self._take_script: Any = None
         self._writes: Coalescer[tuple[ChannelRef, RealtimeMessage]] = Coalescer(
             self._write_many, self._write_one, max_batch=256, max_in_flight=8
         )
@@ -75,6 +102,7 @@ class RedisRealtimeTier:
         # never starve the writes.
         self._listen_redis = aioredis.Redis.from_url(self._url, **options)
         self._write_script = self._redis.register_script(_WRITE)
+        self._take_script = self._redis.register_script(_TAKE)
         await self._redis.script_load(_WRITE)
 
     async def close(self) -> None:
@@ -219,6 +247,14 @@ class RedisRealtimeTier:
             return claim
         message_id, timestamp, fingerprint = json.loads(held)
         return SendClaim(message_id, int(timestamp), fingerprint)
+
+    async def take_tokens(self, requests: Sequence[TokenRequest]) -> float:
+        if not requests:
+            return 0.0
+        # One hash tag for every bucket: a Lua call's keys must share a cluster slot.
+        keys = [f"{self._prefix}{{limits}}:{r.key}" for r in requests]
+        args = [repr(float(v)) for r in requests for v in (r.cost, r.rate_per_s, r.burst)]
+        return float(await self._take_script(keys=keys, args=args))
 
 
 def create(url: str, context: BackendContext) -> RealtimeTier:
