@@ -200,6 +200,17 @@ class PostgresPermanentStore:
             row = await cur.fetchone()
         return _to_message(row) if row else None
 
+    async def find(self, message_id: str) -> StoredMessage | None:
+        """A sequential scan (no index serves the id alone, and `inspect` is the only caller),
+        cut off by `statement_timeout` on a table too large to scan in time."""
+        await self._ensure_schema()
+        async with self._p.connection() as conn:
+            cur = await conn.execute(
+                self._q(_SELECT + "WHERE message_id = %s LIMIT 1"), (message_id,)
+            )
+            row = await cur.fetchone()
+        return _to_message(row) if row else None
+
     async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:
         where = "WHERE workspace_id = %s AND channel_id = %s "
         params: list[object] = [channel.workspace_id, channel.channel_id]
