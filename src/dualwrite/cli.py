@@ -8,6 +8,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Coroutine, Sequence
@@ -16,6 +17,7 @@ from typing import Any
 
 from dualwrite.backends import BackendContext, create_permanent_store
 from dualwrite.errors import BadSetting, DualWriteError, InvalidInput, SendFailed
+from dualwrite.ids import ID_LENGTH, PUSH_CHARS
 from dualwrite.model import User
 from dualwrite.runtime import open_dualwrite
 from dualwrite.service import DualWrite
@@ -68,11 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     queue_retry = queue_commands.add_parser(
         "retry",
         help="retry one message id, or --all",
-        description="Ids may start with '-': put -- before one (queue retry -- -P7Gq...).",
+        description="Save one message now, with the same id. Give the id as `history` prints "
+        "it. Without --workspace/--channel it must wait in this queue (or be saved already); "
+        "with them, a message queued elsewhere is saved from its realtime entry.",
     )
     target = queue_retry.add_mutually_exclusive_group(required=True)
     target.add_argument("message_id", nargs="?")
     target.add_argument("--all", action="store_true")
+    queue_retry.add_argument("--workspace")
+    queue_retry.add_argument("--channel")
     _backend_flags(queue_retry)
 
     serve = commands.add_parser("serve", help="run the chat server and its page")
@@ -121,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser(
         "inspect",
         help="one message in the realtime tier, the permanent store and the queue",
-        description="Ids may start with '-': put -- before one (inspect -- -P7Gq...).",
+        description="Give the id as `history` prints it; without --workspace/--channel the "
+        "message is looked up by its id alone.",
     )
     inspect.add_argument("message_id")
     inspect.add_argument("--workspace")
@@ -169,8 +176,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_DASH_ID = re.compile(f"-[{re.escape(PUSH_CHARS)}]{{{ID_LENGTH - 1}}}")
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> tuple[set[str], set[str]]:
+    """Every option string of ``parser`` and its subcommands, and those that take a value."""
+    every: set[str] = set()
+    valued: set[str] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub_every, sub_valued = _option_strings(sub)
+                every |= sub_every
+                valued |= sub_valued
+        every.update(action.option_strings)
+        if action.option_strings and action.nargs != 0:
+            valued.update(action.option_strings)
+    return every, valued
+
+
+def accept_dash_ids(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """``argv`` with each push id that starts with '-' made parseable as what it is.
+
+    Ids made now start with '-' (their time prefix), which argparse takes for an unknown
+    option. So that an id copied from `history` works as printed, one right after an option
+    that takes a value becomes that option's value (``--opt=ID``), and any other is a
+    positional: it moves behind a ``--``. Nothing after a ``--`` the user wrote is touched.
+    """
+    every, valued = _option_strings(parser)
+    head: list[str] = []
+    ids: list[str] = []
+    rest: list[str] = []
+    for index, arg in enumerate(argv):
+        if arg == "--":
+            rest = list(argv[index + 1 :])
+            break
+        if _DASH_ID.fullmatch(arg) and arg not in every:
+            if head and head[-1] in valued:
+                head[-1] = f"{head[-1]}={arg}"
+            else:
+                ids.append(arg)
+            continue
+        head.append(arg)
+    else:
+        if not ids:
+            return head
+    return [*head, "--", *ids, *rest]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(accept_dash_ids(parser, sys.argv[1:] if argv is None else argv))
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.ERROR,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -232,7 +288,7 @@ async def _queue(args: argparse.Namespace) -> int:
             report = await dw.retry_all()
             print(f"saved {len(report.saved)}, still failing {len(report.failed)}")
             return 0 if not report.failed else EXIT_FAILED
-        status = await dw.retry(args.message_id)
+        status = await dw.retry(args.message_id, args.workspace, args.channel)
         print(f"{args.message_id} {'saved' if status == 'saved' else 'still failing'}")
         return 0 if status == "saved" else EXIT_FAILED
 
@@ -311,8 +367,13 @@ async def _reconcile(args: argparse.Namespace) -> int:
 async def _inspect(args: argparse.Namespace) -> int:
     async with open_dualwrite(_settings(args), background=False) as dw:
         found = await dw.inspect(args.message_id, args.workspace, args.channel)
-    where = f"{found.channel.workspace_id}/{found.channel.channel_id}" if found.channel else "?"
-    print(f"message {found.message_id} in {where}")
+    if found.channel is None:
+        print(
+            f"message {found.message_id}: not in the permanent store, not in the realtime tier "
+            "(never sent, or expired after an hour), not in this retry queue"
+        )
+        return EXIT_FAILED
+    print(f"message {found.message_id} in {found.channel.workspace_id}/{found.channel.channel_id}")
     print(
         "realtime tier  :",
         json.dumps(found.realtime.to_wire(), ensure_ascii=False)
