@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import logging
@@ -11,12 +12,19 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from dualwrite.backends import BackendContext, create_permanent_store
-from dualwrite.errors import BadSetting, DualWriteError, InvalidInput, SendFailed
+from dualwrite.backends import BackendContext
+from dualwrite.errors import (
+    BackendUnavailable,
+    BadSetting,
+    DualWriteError,
+    InvalidInput,
+    SendFailed,
+)
 from dualwrite.ids import ID_LENGTH, PUSH_CHARS
 from dualwrite.model import User
 from dualwrite.runtime import open_dualwrite
@@ -25,8 +33,15 @@ from dualwrite.settings import ServerSettings, Settings, parse_fault_spec, redac
 
 log = logging.getLogger(__name__)
 
+# Exit codes (README: Commands).
 EXIT_FAILED = 1
+"""Not done: the send failed, the message was not found, a retry still fails, and the rest."""
 EXIT_BAD_INPUT = 2
+"""Refused before anything was done: bad input, flags or settings (argparse's code too)."""
+EXIT_UNAVAILABLE = 3
+"""A backend cannot be reached (Redis, PostgreSQL...): nothing was done."""
+EXIT_INTERRUPTED = 130
+"""Stopped by Ctrl-C (128 + SIGINT, as shells report it)."""
 
 _CHAOS_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -227,19 +242,33 @@ def accept_dash_ids(parser: argparse.ArgumentParser, argv: Sequence[str]) -> lis
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(accept_dash_ids(parser, sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.ERROR,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    if args.verbose:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+        )
+    else:
+        # A one-shot command says what matters in a line each: errors, and a backend's
+        # warning that it is down (its connect says what happens meanwhile).
+        logging.basicConfig(level=logging.ERROR, format="dualwrite: %(message)s")
+        logging.getLogger("dualwrite.backends").setLevel(logging.WARNING)
     handler = _HANDLERS[args.command]
     try:
         return asyncio.run(handler(args))
+    except KeyboardInterrupt:
+        # Ctrl-C: `serve` has shut down cleanly by now (uvicorn re-raises the signal after).
+        return EXIT_INTERRUPTED
     except InvalidInput as error:
         print(f"dualwrite: invalid input: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except BadSetting as error:
+        print(f"dualwrite: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except SendFailed as error:
         print(f"dualwrite: {error} ({error.__cause__!r})", file=sys.stderr)
         return EXIT_FAILED
+    except BackendUnavailable as error:
+        print(f"dualwrite: {error}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except DualWriteError as error:
         print(f"dualwrite: {error}", file=sys.stderr)
         return EXIT_FAILED
@@ -263,6 +292,11 @@ async def _send(args: argparse.Namespace) -> int:
     print(f"{result.message_id} {result.status}")
     if result.warning:
         print(f"dualwrite: {result.warning}", file=sys.stderr)
+        print(
+            f"dualwrite: it waits in the retry queue {dw.settings.queue_path}: a `serve` on "
+            "that queue, or `dualwrite queue retry --all`, saves it",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -324,16 +358,38 @@ async def _serve(args: argparse.Namespace) -> int:
         firebase_project=args.firebase_project,
         send_rate_per_s=args.send_rate,
     )
-    app = create_app(settings, server_settings)
+    # The backends are opened before the server starts, so that one that cannot be reached
+    # is one line and exit code 3 (main), not a traceback from inside uvicorn's lifespan.
+    # The lifespan's shutdown closes them, within uvicorn's handling of Ctrl-C.
+    runtime = contextlib.AsyncExitStack()
+    try:
+        dw = await runtime.enter_async_context(open_dualwrite(settings))
+    except BackendUnavailable as down:
+        raise BackendUnavailable(f"{down}; the server did not start") from down
+
+    @contextlib.asynccontextmanager
+    async def lifespan_runtime() -> AsyncIterator[DualWrite]:
+        async with runtime:
+            yield dw
+
+    app = create_app(settings, server_settings, open_runtime=lifespan_runtime)
     server = uvicorn.Server(
         uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False)
     )
     print(
-        f"dualwrite: chat page at http://{args.host}:{args.port}/ "
-        f"(realtime {redact_url(settings.realtime_url)}, store {redact_url(settings.store_url)})",
+        f"dualwrite: chat page at http://{args.host}:{args.port}/ (realtime "
+        f"{redact_url(settings.realtime_url)}, store {redact_url(settings.store_url)}); "
+        "Ctrl-C stops it",
         flush=True,
     )
-    await server.serve()
+    try:
+        await server.serve()
+    except SystemExit:
+        # uvicorn exits (its code 3) when it cannot start, the port being taken say; it has
+        # logged why in one line. Our code 3 means a backend is down: this is not that.
+        return EXIT_FAILED
+    finally:
+        await runtime.aclose()  # if the lifespan never ran
     return 0
 
 
@@ -413,10 +469,14 @@ async def _chaos(args: argparse.Namespace) -> int:
 
 async def _migrate(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    store = create_permanent_store(settings.store_url, BackendContext(migrate_on_start=True))
-    await store.connect()
-    await store.close()
-    print(f"migrated {settings.store_url}")
+    if urlsplit(settings.store_url).scheme not in ("postgresql", "postgres"):
+        print(f"nothing to migrate: {redact_url(settings.store_url)} makes its own schema")
+        return 0
+    from dualwrite.backends.permanent import postgres
+
+    context = BackendContext(call_timeout_s=settings.permanent_timeout_s)
+    version = await postgres.from_url(settings.store_url, context).migrate_now()
+    print(f"migrated {redact_url(settings.store_url)} to schema version {version}")
     return 0
 
 

@@ -53,6 +53,7 @@ class DualWrite:
             clock,
             timeout_s=settings.permanent_timeout_s,
             backoff=Backoff(settings.retry_base_s, settings.retry_cap_s),
+            remind_every_s=settings.outage_reminder_s,
         )
         self.reconciler = Reconciler(
             realtime,

@@ -17,7 +17,8 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from dualwrite.backends import BackendContext
-from dualwrite.errors import BackendError
+from dualwrite.errors import BackendError, BackendUnavailable
+from dualwrite.logs import one_line
 from dualwrite.model import (
     ChannelRef,
     HistoryPage,
@@ -63,7 +64,7 @@ _NOW = "date_trunc('milliseconds', now())"
 _FROM_MS = "(timestamptz 'epoch' + %s * interval '1 millisecond')"
 
 
-class DatabaseUnreachable(BackendError):
+class DatabaseUnreachable(BackendUnavailable):
     """PostgreSQL did not answer (down, cut off, or refusing connections)."""
 
 
@@ -83,8 +84,14 @@ class PostgresPermanentStore:
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
         self._schema_ready = False
 
-    async def connect(self) -> None:
-        self._pool = AsyncConnectionPool(
+    def _open_pool(self) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
+        # psycopg_pool warns at every failed reconnect attempt; dualwrite says once that the
+        # database is down and reminds of it (logs.OutageLog). An application that set the
+        # pool logger's level itself keeps its choice.
+        pool_log = logging.getLogger("psycopg.pool")
+        if pool_log.level == logging.NOTSET:
+            pool_log.setLevel(logging.ERROR)
+        return AsyncConnectionPool(
             self._conninfo,
             min_size=1,
             max_size=10,
@@ -98,13 +105,17 @@ class PostgresPermanentStore:
                 "options": f"-c statement_timeout={int(self._timeout_s * 1000)}",
             },
         )
+
+    async def connect(self) -> None:
+        self._pool = self._open_pool()
         # Start even while PostgreSQL is down: sends are then delivered and queued, which is
         # the point of the realtime tier. The schema is checked as soon as it answers.
         await self._pool.open(wait=False)
         try:
+            await self._probe()
             await self._ensure_schema()
         except DatabaseUnreachable as unreachable:
-            log.warning("%s; sends will queue until it answers", unreachable)
+            log.warning("%s: sends are queued until it answers", unreachable)
         except BaseException:
             await self.close()
             raise
@@ -117,15 +128,42 @@ class PostgresPermanentStore:
                 await self.migrate()
             version = await self.schema_version()
         except (psycopg.OperationalError, PoolTimeout) as exc:
-            raise DatabaseUnreachable(
-                f"cannot reach PostgreSQL at {redact_url(self._conninfo)}: {exc}"
-            ) from exc
+            raise self._unreachable(exc) from exc
         if version < SCHEMA_VERSION:
             raise SchemaMissing(
                 f"schema {self._schema_name!r} is not at version {SCHEMA_VERSION}: "
                 "run `dualwrite migrate` (or set DUALWRITE_MIGRATE_ON_START=1)"
             )
         self._schema_ready = True
+
+    def _unreachable(self, exc: Exception) -> DatabaseUnreachable:
+        return DatabaseUnreachable(
+            f"cannot reach PostgreSQL at {redact_url(self._conninfo)} ({one_line(exc)})"
+        )
+
+    async def _probe(self) -> None:
+        """One direct connection, so that a database that cannot be reached says why at once
+        ("connection refused"), where the pool would only time out after `timeout_s`."""
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self._conninfo, connect_timeout=max(1, int(self._timeout_s))
+            )
+        except psycopg.OperationalError as exc:
+            raise self._unreachable(exc) from exc
+        await conn.close()
+
+    async def migrate_now(self) -> int:
+        """`dualwrite migrate`: open, bring the schema up to date, close; raises
+        `DatabaseUnreachable` rather than starting without the database as `connect` does."""
+        self._pool = self._open_pool()
+        try:
+            await self._probe()
+            await self._pool.open(wait=True, timeout=self._timeout_s)
+            return await self.migrate()
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise self._unreachable(exc) from exc
+        finally:
+            await self.close()
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -235,6 +273,11 @@ def _to_message(row: tuple[Any, ...]) -> StoredMessage:
 
 
 def create(url: str, context: BackendContext) -> PermanentStore:
+    return from_url(url, context)
+
+
+def from_url(url: str, context: BackendContext) -> PostgresPermanentStore:
+    """The store a `postgresql://` URL names (with `?schema=`, `?migrate=1`), not connected."""
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query))
     schema = query.pop("schema", "dualwrite")
