@@ -67,10 +67,23 @@ def test_bench_raw_baseline_prints_a_ratio(
     out = embedded / "bench.json"
     args = ["bench", "--messages", "40", "--concurrency", "4", "--baseline", "raw"]
     assert main([*args, "--json", str(out)]) == 0
-    assert "dualwrite / raw" in capsys.readouterr().out
+    table = capsys.readouterr().out.splitlines()
+    assert table[-1].startswith("dualwrite / raw (sends/s)")
     figures = json.loads(out.read_text())
     assert figures["baseline_raw"]["outcomes"] == {"saved": 40}
     assert figures["ratio_to_raw"] > 0
+    # Aligned: every row's column separator at the same place.
+    two_columns = [line for line in table if "  |  " in line]
+    assert len(two_columns) == len(table) - 1
+    assert len({line.index("  |  ") for line in two_columns}) == 1
+
+
+def test_bench_refuses_a_raw_baseline_beside_http_sends(
+    embedded: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["bench", "--target", "http", "--messages", "10", "--baseline", "raw"]
+    assert main(args) == 2
+    assert "--baseline raw compares with --target library only" in capsys.readouterr().err
 
 
 def test_bench_http_target_drives_a_real_server(

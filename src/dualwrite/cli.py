@@ -482,6 +482,13 @@ async def _migrate(args: argparse.Namespace) -> int:
 
 async def _bench(args: argparse.Namespace) -> int:
     bench = _needs_extra("dualwrite.tools.bench", "tools", "bench")
+    if args.baseline == "raw" and args.target != "library":
+        # The raw baseline is bare client calls in this process; set beside HTTP sends it would
+        # measure the HTTP layer (requests, auth, JSON, a second process), not dualwrite's work.
+        raise BadSetting(
+            "--baseline raw compares with --target library only: it writes with bare clients "
+            "in this process, so beside HTTP sends it would measure HTTP, not dualwrite"
+        )
     Progress, run_http, run_library = bench.Progress, bench.run_http, bench.run_library
     run_raw, write_json = bench.run_raw, bench.write_json
 
