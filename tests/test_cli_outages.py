@@ -97,13 +97,13 @@ def test_send_with_postgres_refusing_is_queued_and_says_so(tmp_path: Path) -> No
     message_id, status = done.stdout.split()
     assert status == "pending"
     lines = done.stderr.splitlines()
-    assert len(lines) == 3, done.stderr
+    assert len(lines) == 4, done.stderr
     assert "cannot reach PostgreSQL at postgresql://postgres@127.0.0.1:" in lines[0]
-    assert "Connection refused" in lines[0] and lines[0].endswith(
-        "sends are queued until it answers"
-    )
-    assert lines[1] == "dualwrite: Message sent but not saved. It will disappear in 1 hour."
-    assert "retry queue" in lines[2]
+    assert "Connection refused" in lines[0]
+    assert lines[0].endswith("sends are queued until it answers")
+    assert "delivered live to no one" in lines[1]  # memory://, and no serve runs
+    assert lines[2] == "dualwrite: Message sent but not saved. It will disappear in 1 hour."
+    assert "it waits in the retry queue" in lines[3]
     listed = dualwrite(environment(tmp_path), "queue", "list")
     assert message_id in listed.stdout, "the message waits in the queue"
 

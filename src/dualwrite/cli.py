@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from dualwrite import local_serve
 from dualwrite.backends import BackendContext
 from dualwrite.errors import (
     BackendUnavailable,
@@ -264,7 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dualwrite: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except SendFailed as error:
-        print(f"dualwrite: {error} ({error.__cause__!r})", file=sys.stderr)
+        cause = f" ({error.__cause__!r})" if error.__cause__ else ""
+        print(f"dualwrite: {error}{cause}", file=sys.stderr)
         return EXIT_FAILED
     except BackendUnavailable as error:
         print(f"dualwrite: {error}", file=sys.stderr)
@@ -281,22 +283,50 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 async def _send(args: argparse.Namespace) -> int:
-    async with open_dualwrite(_settings(args), background=False) as dw:
-        result = await dw.send_message(
+    settings = _settings(args)
+    user = User(args.user_id, args.user_name)
+    # On the embedded memory:// tier a running `serve` holds the only tier its page listens
+    # to: send through it, or say that this send reaches no one live (local_serve).
+    serve = await asyncio.to_thread(local_serve.find, settings)
+    if serve is not None:
+        result = await asyncio.to_thread(
+            local_serve.send_through,
+            serve,
             args.workspace,
             args.channel,
             args.text,
-            User(args.user_id, args.user_name),
+            user,
             client_message_id=args.client_message_id,
+            token_secret=ServerSettings.from_env().token_secret,
         )
+    else:
+        async with open_dualwrite(settings, background=False) as dw:
+            result = await dw.send_message(
+                args.workspace,
+                args.channel,
+                args.text,
+                user,
+                client_message_id=args.client_message_id,
+            )
     print(f"{result.message_id} {result.status}")
-    if result.warning:
-        print(f"dualwrite: {result.warning}", file=sys.stderr)
+    if serve is not None:
+        print(f"dualwrite: sent through the serve at {serve.url}: delivered live", file=sys.stderr)
+    elif local_serve.shares_memory_tier(settings):
         print(
-            f"dualwrite: it waits in the retry queue {dw.settings.queue_path}: a `serve` on "
-            "that queue, or `dualwrite queue retry --all`, saves it",
+            f"dualwrite: no serve runs on {local_serve.announcement(settings).parent}/: "
+            "delivered live to no one (the memory:// realtime tier lives in one process); "
+            "a page shows it when it loads history",
             file=sys.stderr,
         )
+    if result.warning:
+        print(f"dualwrite: {result.warning}", file=sys.stderr)
+        where = (
+            "the serve's retry queue: it saves it"
+            if serve
+            else f"the retry queue {settings.queue_path}: a serve on it, or "
+            "`dualwrite queue retry --all`, saves it"
+        )
+        print(f"dualwrite: it waits in {where}", file=sys.stderr)
     return 0
 
 
@@ -369,8 +399,11 @@ async def _serve(args: argparse.Namespace) -> int:
 
     @contextlib.asynccontextmanager
     async def lifespan_runtime() -> AsyncIterator[DualWrite]:
+        # Within the lifespan: after a SIGTERM uvicorn re-raises it once shut down, which
+        # ends the process before anything after `serve()` runs.
         async with runtime:
-            yield dw
+            with local_serve.announced(settings, args.host, args.port):
+                yield dw
 
     app = create_app(settings, server_settings, open_runtime=lifespan_runtime)
     server = uvicorn.Server(
