@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator
 from dualwrite import history
 from dualwrite._calls import bounded
 from dualwrite.clock import Clock
-from dualwrite.errors import BackendError, InvalidInput
+from dualwrite.errors import BackendError, BackendUnavailable, DualWriteError, InvalidInput
+from dualwrite.logs import one_line
 from dualwrite.model import ChannelHistory, RealtimeMessage, SendResult, SendStatus, User
 from dualwrite.ports import PermanentStore, RealtimeTier
 from dualwrite.reconciler import Reconciler, ReconcileReport
@@ -97,7 +98,12 @@ class DualWrite:
         channel = None
         if workspace_id is not None or channel_id is not None:
             channel = check_channel(workspace_id, channel_id)
-        return await self._recovery.retry(message_id, channel)
+        try:
+            return await self._recovery.retry(message_id, channel)
+        except DualWriteError:
+            raise
+        except Exception as error:
+            raise BackendUnavailable(f"retry could not finish: {one_line(error)}") from error
 
     async def retry_all(self) -> RetryReport:
         """Manual retry of every queued permanent write."""
@@ -146,12 +152,24 @@ class DualWrite:
     async def inspect(
         self, message_id: str, workspace_id: str | None = None, channel_id: str | None = None
     ) -> Inspection:
-        """One message as each place holds it (the realtime tier, the store, the queue)."""
+        """One message as each place holds it (the realtime tier, the store, the queue).
+
+        Raises `BackendUnavailable` if a place does not answer (never reports it absent).
+        """
         check_id("messageId", message_id)
         channel = None
         if workspace_id is not None and channel_id is not None:
             channel = check_channel(workspace_id, channel_id)
-        return await self._recovery.inspect(message_id, channel)
+        try:
+            return await self._recovery.inspect(message_id, channel)
+        except DualWriteError:
+            raise
+        except Exception as error:
+            # Never a partial answer: a place that did not answer is not a place without it.
+            hint = "" if channel else "; with its workspace and channel only one channel is read"
+            raise BackendUnavailable(
+                f"inspect could not finish: {one_line(error)}{hint}"
+            ) from error
 
     async def reconcile(self) -> ReconcileReport:
         """Save delivered messages older than the grace period that are neither saved nor
