@@ -3,12 +3,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -18,19 +15,11 @@ from dualwrite.cli import EXIT_UNAVAILABLE
 from dualwrite.model import User
 from dualwrite.server.auth import Identity, TokenSigner
 from dualwrite.tools.serve_process import free_port, serve_process
+from tests.support.servers import silent_port
 
 SEND = ["send", "--workspace", "acme", "--channel", "general", "--user-id", "u1"]
 SEND += ["--user-name", "Ada"]
 SECRET = "s" * 40
-
-
-@contextlib.contextmanager
-def silent_server() -> Iterator[int]:
-    """A port that accepts connections and never answers: a hung dependency."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(64)
-        yield int(listener.getsockname()[1])
 
 
 def environment(tmp_path: Path, **variables: str) -> dict[str, str]:
@@ -70,7 +59,7 @@ def test_send_with_redis_refusing_is_one_line_and_exit_3(tmp_path: Path) -> None
 
 
 def test_send_with_redis_hanging_is_one_line_and_exit_3(tmp_path: Path) -> None:
-    with silent_server() as port:
+    with silent_port() as port:
         url = f"redis://127.0.0.1:{port}/0"
         done = dualwrite(environment(tmp_path, DUALWRITE_REALTIME_URL=url), *SEND, "hi")
     assert done.returncode == 3

@@ -13,6 +13,7 @@ import pytest
 from websockets.sync.client import connect
 
 from dualwrite.tools.serve_process import serve_process
+from tests.support.servers import silent_port
 
 SEND = ["send", "--workspace", "acme", "--channel", "general", "--user-id", "u2"]
 SEND += ["--user-name", "Grace"]
@@ -78,6 +79,18 @@ def test_a_stale_notice_of_a_dead_serve_is_ignored(tmp_path: Path) -> None:
     done = dualwrite(env, *SEND, "hi")
     assert done.returncode == 0 and done.stdout.split()[1] == "saved"
     assert "delivered live to no one" in done.stderr
+
+
+def test_a_serve_that_does_not_answer_is_named(tmp_path: Path) -> None:
+    with silent_port() as port:
+        env = environment(tmp_path)
+        notice = {"url": f"http://127.0.0.1:{port}", "pid": os.getpid()}
+        notice["store"] = env["DUALWRITE_STORE_URL"]
+        (tmp_path / "serve.json").write_text(json.dumps(notice))
+        done = dualwrite(env, *SEND, "hi")
+    assert done.returncode == 0 and done.stdout.split()[1] == "saved"
+    said = f"the serve announced at http://127.0.0.1:{port} (pid {os.getpid()}) does not answer"
+    assert f"{said}: delivered live to no one" in done.stderr
 
 
 def test_a_notice_naming_another_host_is_ignored(tmp_path: Path) -> None:

@@ -287,7 +287,11 @@ async def _send(args: argparse.Namespace) -> int:
     user = User(args.user_id, args.user_name)
     # On the embedded memory:// tier a running `serve` holds the only tier its page listens
     # to: send through it, or say that this send reaches no one live (local_serve).
-    serve = await asyncio.to_thread(local_serve.find, settings)
+    silent: local_serve.ServeSilent | None = None
+    try:
+        serve = await asyncio.to_thread(local_serve.find, settings)
+    except local_serve.ServeSilent as error:
+        serve, silent = None, error
     if serve is not None:
         result = await asyncio.to_thread(
             local_serve.send_through,
@@ -312,10 +316,10 @@ async def _send(args: argparse.Namespace) -> int:
     if serve is not None:
         print(f"dualwrite: sent through the serve at {serve.url}: delivered live", file=sys.stderr)
     elif local_serve.shares_memory_tier(settings):
+        why = silent or f"no serve runs on {local_serve.announcement(settings).parent}/"
         print(
-            f"dualwrite: no serve runs on {local_serve.announcement(settings).parent}/: "
-            "delivered live to no one (the memory:// realtime tier lives in one process); "
-            "a page shows it when it loads history",
+            f"dualwrite: {why}: delivered live to no one (the memory:// realtime tier lives in "
+            "one process); a page shows it when it loads history",
             file=sys.stderr,
         )
     if result.warning:

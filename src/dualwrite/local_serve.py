@@ -28,6 +28,11 @@ from dualwrite.settings import Settings, redact_url
 _TIMEOUT_S = 5.0
 
 
+class ServeSilent(DualWriteError):
+    """A `serve` is announced and its process lives, but it does not answer (starting, or
+    hung)."""
+
+
 @dataclass(frozen=True)
 class LocalServe:
     """A running `serve` this command can send through."""
@@ -74,7 +79,8 @@ def announced(settings: Settings, host: str, port: int) -> Iterator[None]:
 
 def find(settings: Settings) -> LocalServe | None:
     """The `serve` announced on these settings' data, if it shares their store, runs, and
-    answers; else None (blocking: call it in a thread)."""
+    answers; else None (blocking: call it in a thread). Raises `ServeSilent` if it runs but
+    does not answer."""
     if not shares_memory_tier(settings):
         return None
     try:
@@ -90,11 +96,11 @@ def find(settings: Settings) -> LocalServe | None:
         return None
     try:
         with urllib.request.urlopen(f"{url}/healthz", timeout=_TIMEOUT_S) as answer:
-            if answer.status != 200:
-                return None
+            if answer.status == 200:
+                return LocalServe(url, pid)
     except (OSError, ValueError):
-        return None
-    return LocalServe(url, pid)
+        pass
+    raise ServeSilent(f"the serve announced at {url} (pid {pid}) does not answer")
 
 
 def _alive(pid: int) -> bool:
