@@ -65,6 +65,15 @@ def test_a_cli_send_is_delivered_live_to_the_open_page(tmp_path: Path, secret: s
     assert alone.returncode == 0 and "delivered live to no one" in alone.stderr
 
 
+def test_a_cli_without_the_servers_secret_is_told_which_it_needs(tmp_path: Path) -> None:
+    server = environment(tmp_path, DUALWRITE_TOKEN_SECRET="server-" + "s" * 40)
+    with serve_process(server, tmp_path / "serve.log"):  # a secret: no development sign-in
+        for cli_secret in ({}, {"DUALWRITE_TOKEN_SECRET": "other-" + "o" * 40}):
+            done = dualwrite(environment(tmp_path, **cli_secret), *SEND, "hi")
+            assert done.returncode == 1 and done.stdout == ""
+            assert "DUALWRITE_TOKEN_SECRET" in done.stderr
+
+
 def test_a_stale_notice_of_a_dead_serve_is_ignored(tmp_path: Path) -> None:
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],

@@ -154,6 +154,11 @@ def send_through(
         )
     if status == 503:
         raise SendFailed()
+    if status == 401:
+        raise DualWriteError(
+            f"the running serve at {serve.url} refused this command's token: give it the "
+            "server's DUALWRITE_TOKEN_SECRET"
+        )
     if status in (400, 413, 422):
         field = str(body.get("field", "request"))
         raise InvalidInput(field, str(body.get("error", status)).removeprefix(f"{field}: "))
