@@ -56,6 +56,15 @@ def needs(kind: str, capability: str) -> None:
         pytest.skip(f"{kind} has no {capability} (REST streaming/ETags); firebase-rest covers it")
 
 
+def needs_store(kind: str, capability: str) -> None:
+    """Skip where the store under test is a stand-in that cannot serve ``capability``."""
+    # @firestore-emulator/server answers a collection-group query as if it were a query of
+    # one top-level collection: nothing found. Google's emulator (FIRESTORE_EMULATOR_HOST)
+    # serves it, and runs this test.
+    if kind == "firestore" and capability == "find" and firebase_servers().firestore_standin:
+        pytest.skip("the Firestore stand-in serves no collection-group query (README)")
+
+
 def store_url(kind: str, tmp_path: Path) -> str:
     if kind == "memory":
         return "memory://"
@@ -131,10 +140,15 @@ async def realtime(
 
 
 @pytest.fixture(params=STORE_KINDS)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
 async def store(
-    request: pytest.FixtureRequest, clock: ManualClock, tmp_path: Path
+    store_kind: str, clock: ManualClock, tmp_path: Path
 ) -> AsyncIterator[PermanentStore]:
-    permanent = create_permanent_store(store_url(request.param, tmp_path), BackendContext(clock))
+    permanent = create_permanent_store(store_url(store_kind, tmp_path), BackendContext(clock))
     await permanent.connect()
     yield permanent
     await permanent.close()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dualwrite.cli import main
-from tests.conftest import unique
+from dualwrite.cli import accept_dash_ids, build_parser, main
+from tests.conftest import store_url, unique
 
 
 @pytest.fixture
@@ -45,8 +45,8 @@ def test_queue_list_and_retry(embedded: Path, capsys: pytest.CaptureFixture[str]
     assert "0 waiting" in capsys.readouterr().out
     assert main(["queue", "retry", "--all"]) == 0
     assert "saved 0" in capsys.readouterr().out
-    assert main(["queue", "retry", "--", "-NoSuchMessageId1234"]) == 1
-    assert "not waiting" in capsys.readouterr().err
+    assert main(["queue", "retry", "-NoSuchMessageId1234"]) == 1
+    assert "neither waiting in the retry queue nor saved" in capsys.readouterr().err
 
 
 def test_bench_prints_figures_and_json(embedded: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -67,10 +67,23 @@ def test_bench_raw_baseline_prints_a_ratio(
     out = embedded / "bench.json"
     args = ["bench", "--messages", "40", "--concurrency", "4", "--baseline", "raw"]
     assert main([*args, "--json", str(out)]) == 0
-    assert "dualwrite / raw" in capsys.readouterr().out
+    table = capsys.readouterr().out.splitlines()
+    assert table[-1].startswith("dualwrite / raw (sends/s)")
     figures = json.loads(out.read_text())
     assert figures["baseline_raw"]["outcomes"] == {"saved": 40}
     assert figures["ratio_to_raw"] > 0
+    # Aligned: every row's column separator at the same place.
+    two_columns = [line for line in table if "  |  " in line]
+    assert len(two_columns) == len(table) - 1
+    assert len({line.index("  |  ") for line in two_columns}) == 1
+
+
+def test_bench_refuses_a_raw_baseline_beside_http_sends(
+    embedded: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["bench", "--target", "http", "--messages", "10", "--baseline", "raw"]
+    assert main(args) == 2
+    assert "--baseline raw compares with --target library only" in capsys.readouterr().err
 
 
 def test_bench_http_target_drives_a_real_server(
@@ -117,3 +130,70 @@ def test_inspect_and_reconcile(embedded: Path, capsys: pytest.CaptureFixture[str
     assert "(not queued here)" in out
     assert main(["reconcile"]) == 0
     assert "persisted 0" in capsys.readouterr().out
+
+
+def sent_id(capsys: pytest.CaptureFixture[str]) -> str:
+    assert main([*SEND, "--user-name", "Ada", "hello"]) == 0
+    message_id = capsys.readouterr().out.split()[0]
+    assert message_id.startswith("-"), "ids made now start with '-' (their time prefix)"
+    return message_id
+
+
+@pytest.mark.parametrize(
+    ("command", "expect"),
+    [
+        (["inspect", "{id}"], "message {id} in acme/general"),
+        (["inspect", "{id}", "--workspace", "acme", "--channel", "general"], "in acme/general"),
+        (["inspect", "--workspace", "acme", "{id}", "--channel", "general"], "in acme/general"),
+        (["queue", "retry", "{id}"], "{id} saved"),
+        (["queue", "retry", "{id}", "--workspace", "acme", "--channel", "general"], "{id} saved"),
+    ],
+    ids=lambda c: " ".join(c) if isinstance(c, list) else "",
+)
+def test_an_id_is_taken_as_printed_without_dash_dash(
+    embedded: Path, capsys: pytest.CaptureFixture[str], command: list[str], expect: str
+) -> None:
+    message_id = sent_id(capsys)
+    assert main([a.replace("{id}", message_id) for a in command]) == 0
+    assert expect.replace("{id}", message_id) in capsys.readouterr().out
+
+
+def test_a_client_message_id_may_start_with_a_dash(
+    embedded: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = sent_id(capsys)  # an id copied from `history`, used as an idempotency key
+    args = [*SEND, "--user-name", "Ada", "--client-message-id", key, "again"]
+    parser = build_parser()
+    assert parser.parse_args(accept_dash_ids(parser, args)).client_message_id == key
+    assert main(args) == 0
+    assert capsys.readouterr().out.endswith(" saved\n")
+
+
+def test_an_argument_after_dash_dash_is_left_as_written(
+    embedded: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    message_id = sent_id(capsys)
+    assert main(["inspect", "--workspace", "acme", "--channel", "general", "--", message_id]) == 0
+    assert f"message {message_id} in acme/general" in capsys.readouterr().out
+    # A text that looks like an id is still the text.
+    assert main([*SEND, "--user-name", "Ada", "--", message_id]) == 0
+    assert main(["history", "--workspace", "acme", "--channel", "general", "--limit", "1"]) == 0
+    assert f"Ada: {message_id}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "kind", [pytest.param("sqlite"), pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_inspect_by_id_alone_finds_a_saved_message_on_each_store(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DUALWRITE_STORE_URL", store_url(kind, tmp_path))
+    monkeypatch.setenv("DUALWRITE_QUEUE_PATH", str(tmp_path / "queue.db"))
+    message_id = sent_id(capsys)
+    # A new process: its in-memory realtime tier is empty, as an hour later anywhere.
+    assert main(["inspect", message_id]) == 0
+    out = capsys.readouterr().out
+    assert f"message {message_id} in acme/general" in out
+    assert "permanent store: {" in out and '"text": "hello"' in out
+    assert main(["inspect", "-NoSuchMessageId1234"]) == 1
+    assert "not in the permanent store" in capsys.readouterr().out

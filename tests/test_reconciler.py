@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from dualwrite import User
+from dualwrite.errors import BackendUnavailable
 from dualwrite.model import REALTIME_TTL_MS, ChannelRef, RealtimeMessage
 from tests.conftest import Harness, unique
 
@@ -55,3 +58,32 @@ async def test_inspect_shows_each_place_side_by_side(harness: Harness) -> None:
     await harness.dw.retry(result.message_id)
     found = await harness.dw.inspect(result.message_id)  # found by scanning the channels
     assert found.channel == channel and found.permanent is not None and found.queued is None
+
+
+async def test_inspect_by_id_alone_finds_a_saved_message_after_its_realtime_hour(
+    harness: Harness,
+) -> None:
+    channel = ChannelRef(unique("ws"), unique("ch"))
+    result = await harness.dw.send_message(
+        channel.workspace_id, channel.channel_id, "old", User("u1", "Ada")
+    )
+    harness.clock.advance(3_600_001)
+    await harness.dw.sweep()
+    found = await harness.dw.inspect(result.message_id)  # found by the store, by id alone
+    assert found.channel == channel and found.realtime is None
+    assert found.permanent is not None and found.permanent.text == "old"
+    assert await harness.dw.retry(result.message_id) == "saved", "saved already: nothing to do"
+
+
+async def test_inspect_never_reports_absent_what_a_failing_store_could_not_look_up(
+    harness: Harness,
+) -> None:
+    channel = ChannelRef(unique("ws"), unique("ch"))
+    result = await harness.dw.send_message(
+        channel.workspace_id, channel.channel_id, "kept", User("u1", "Ada")
+    )
+    harness.store_faults.fail()
+    with pytest.raises(BackendUnavailable, match="inspect could not finish"):
+        await harness.dw.inspect(result.message_id)
+    with pytest.raises(BackendUnavailable, match="retry could not finish"):
+        await harness.dw.retry(result.message_id)

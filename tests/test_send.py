@@ -9,6 +9,7 @@ import pytest
 from dualwrite import NOT_SAVED_WARNING, SEND_FAILED_TEXT, InvalidInput, SendFailed, User
 from dualwrite.errors import BackendTimeout, ClientMessageIdReused, NotQueued
 from dualwrite.faults import InjectedFault
+from dualwrite.ids import PushIdGenerator
 from dualwrite.model import ChannelRef
 from tests.conftest import Harness, unique
 from tests.support.wait import until
@@ -119,8 +120,10 @@ async def test_manual_retry_of_one_message_and_of_all(
     assert await harness.dw.retry(first.message_id) == "pending"  # type: ignore[attr-defined]
     harness.store_faults.heal()
     assert await harness.dw.retry(first.message_id) == "saved"  # type: ignore[attr-defined]
+    # Saved already: a second retry has nothing to do; an id neither queued nor saved is refused.
+    assert await harness.dw.retry(first.message_id) == "saved"  # type: ignore[attr-defined]
     with pytest.raises(NotQueued):
-        await harness.dw.retry(first.message_id)  # type: ignore[attr-defined]
+        await harness.dw.retry(PushIdGenerator().new_id())
     report = await harness.dw.retry_all()
     assert report.saved == [second.message_id]  # type: ignore[attr-defined]
     history = await harness.dw.history(channel.workspace_id, channel.channel_id)

@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from dualwrite.backends import BackendContext, create_permanent_store
-from dualwrite.errors import BadSetting, DualWriteError, InvalidInput, SendFailed
+from dualwrite import local_serve
+from dualwrite.backends import BackendContext
+from dualwrite.errors import (
+    BackendUnavailable,
+    BadSetting,
+    DualWriteError,
+    InvalidInput,
+    SendFailed,
+)
 from dualwrite.history import DEFAULT_PAGE_SIZE
+from dualwrite.ids import ID_LENGTH, PUSH_CHARS
 from dualwrite.logs import RedactingFormatter
 from dualwrite.model import User
 from dualwrite.redact import redact_text, redact_url
@@ -26,8 +37,15 @@ from dualwrite.settings import ServerSettings, Settings, parse_fault_spec
 
 log = logging.getLogger(__name__)
 
+# Exit codes (README: Commands).
 EXIT_FAILED = 1
+"""Not done: the send failed, the message was not found, a retry still fails, and the rest."""
 EXIT_BAD_INPUT = 2
+"""Refused before anything was done: bad input, flags or settings (argparse's code too)."""
+EXIT_UNAVAILABLE = 3
+"""A backend cannot be reached (Redis, PostgreSQL...): nothing was done."""
+EXIT_INTERRUPTED = 130
+"""Stopped by Ctrl-C (128 + SIGINT, as shells report it)."""
 
 _CHAOS_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -77,11 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     queue_retry = queue_commands.add_parser(
         "retry",
         help="retry one message id, or --all",
-        description="Ids may start with '-': put -- before one (queue retry -- -P7Gq...).",
+        description="Save one message now, with the same id. Give the id as `history` prints "
+        "it. Without --workspace/--channel it must wait in this queue (or be saved already); "
+        "with them, a message queued elsewhere is saved from its realtime entry.",
     )
     target = queue_retry.add_mutually_exclusive_group(required=True)
     target.add_argument("message_id", nargs="?")
     target.add_argument("--all", action="store_true")
+    queue_retry.add_argument("--workspace")
+    queue_retry.add_argument("--channel")
     _backend_flags(queue_retry)
 
     serve = commands.add_parser("serve", help="run the chat server and its page")
@@ -163,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser(
         "inspect",
         help="one message in the realtime tier, the permanent store and the queue",
-        description="Ids may start with '-': put -- before one (inspect -- -P7Gq...).",
+        description="Give the id as `history` prints it; without --workspace/--channel the "
+        "message is looked up by its id alone.",
     )
     inspect.add_argument("message_id")
     inspect.add_argument("--workspace")
@@ -211,20 +234,86 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_DASH_ID = re.compile(f"-[{re.escape(PUSH_CHARS)}]{{{ID_LENGTH - 1}}}")
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> tuple[set[str], set[str]]:
+    """Every option string of ``parser`` and its subcommands, and those that take a value."""
+    every: set[str] = set()
+    valued: set[str] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub_every, sub_valued = _option_strings(sub)
+                every |= sub_every
+                valued |= sub_valued
+        every.update(action.option_strings)
+        if action.option_strings and action.nargs != 0:
+            valued.update(action.option_strings)
+    return every, valued
+
+
+def accept_dash_ids(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """``argv`` with each push id that starts with '-' made parseable as what it is.
+
+    Ids made now start with '-' (their time prefix), which argparse takes for an unknown
+    option. So that an id copied from `history` works as printed, one right after an option
+    that takes a value becomes that option's value (``--opt=ID``), and any other is a
+    positional: it moves behind a ``--``. Nothing after a ``--`` the user wrote is touched.
+    """
+    every, valued = _option_strings(parser)
+    head: list[str] = []
+    ids: list[str] = []
+    rest: list[str] = []
+    for index, arg in enumerate(argv):
+        if arg == "--":
+            rest = list(argv[index + 1 :])
+            break
+        if _DASH_ID.fullmatch(arg) and arg not in every:
+            if head and head[-1] in valued:
+                head[-1] = f"{head[-1]}={arg}"
+            else:
+                ids.append(arg)
+            continue
+        head.append(arg)
+    else:
+        if not ids:
+            return head
+    return [*head, "--", *ids, *rest]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(accept_dash_ids(parser, sys.argv[1:] if argv is None else argv))
     stream = logging.StreamHandler()
-    stream.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, handlers=[stream])
+    if args.verbose:
+        stream.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        logging.basicConfig(level=logging.INFO, handlers=[stream])
+    else:
+        # A one-shot command says what matters in a line each: errors, and a backend's
+        # warning that it is down (its connect says what happens meanwhile).
+        stream.setFormatter(RedactingFormatter("dualwrite: %(message)s"))
+        logging.basicConfig(level=logging.ERROR, handlers=[stream])
+        logging.getLogger("dualwrite.backends").setLevel(logging.WARNING)
     handler = _HANDLERS[args.command]
     try:
         return asyncio.run(handler(args))
+    except KeyboardInterrupt:
+        # Ctrl-C: `serve` has shut down cleanly by now (uvicorn re-raises the signal after).
+        return EXIT_INTERRUPTED
     except InvalidInput as error:
         print(f"dualwrite: invalid input: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BadSetting as error:
+        print(f"dualwrite: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except SendFailed as error:
-        print(redact_text(f"dualwrite: {error} ({error.__cause__!r})"), file=sys.stderr)
+        cause = f" ({error.__cause__!r})" if error.__cause__ else ""
+        print(redact_text(f"dualwrite: {error}{cause}"), file=sys.stderr)
         return EXIT_FAILED
+    except BackendUnavailable as error:
+        print(f"dualwrite: {error}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except DualWriteError as error:
         # Driver errors may quote a connection string.
         print(redact_text(f"dualwrite: {error}"), file=sys.stderr)
@@ -238,17 +327,54 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 async def _send(args: argparse.Namespace) -> int:
-    async with open_dualwrite(_settings(args), background=False) as dw:
-        result = await dw.send_message(
+    settings = _settings(args)
+    user = User(args.user_id, args.user_name)
+    # On the embedded memory:// tier a running `serve` holds the only tier its page listens
+    # to: send through it, or say that this send reaches no one live (local_serve).
+    silent: local_serve.ServeSilent | None = None
+    try:
+        serve = await asyncio.to_thread(local_serve.find, settings)
+    except local_serve.ServeSilent as error:
+        serve, silent = None, error
+    if serve is not None:
+        result = await asyncio.to_thread(
+            local_serve.send_through,
+            serve,
             args.workspace,
             args.channel,
             args.text,
-            User(args.user_id, args.user_name),
+            user,
             client_message_id=args.client_message_id,
+            token_secret=ServerSettings.from_env().token_secret,
         )
+    else:
+        async with open_dualwrite(settings, background=False) as dw:
+            result = await dw.send_message(
+                args.workspace,
+                args.channel,
+                args.text,
+                user,
+                client_message_id=args.client_message_id,
+            )
     print(f"{result.message_id} {result.status}")
+    if serve is not None:
+        print(f"dualwrite: sent through the serve at {serve.url}: delivered live", file=sys.stderr)
+    elif local_serve.shares_memory_tier(settings):
+        why = silent or f"no serve runs on {local_serve.announcement(settings).parent}/"
+        print(
+            f"dualwrite: {why}: delivered live to no one (the memory:// realtime tier lives in "
+            "one process); a page shows it when it loads history",
+            file=sys.stderr,
+        )
     if result.warning:
         print(f"dualwrite: {result.warning}", file=sys.stderr)
+        where = (
+            "the serve's retry queue: it saves it"
+            if serve
+            else f"the retry queue {settings.queue_path}: a serve on it, or "
+            "`dualwrite queue retry --all`, saves it"
+        )
+        print(f"dualwrite: it waits in {where}", file=sys.stderr)
     return 0
 
 
@@ -274,7 +400,7 @@ async def _queue(args: argparse.Namespace) -> int:
             report = await dw.retry_all()
             print(f"saved {len(report.saved)}, still failing {len(report.failed)}")
             return 0 if not report.failed else EXIT_FAILED
-        status = await dw.retry(args.message_id)
+        status = await dw.retry(args.message_id, args.workspace, args.channel)
         print(f"{args.message_id} {'saved' if status == 'saved' else 'still failing'}")
         return 0 if status == "saved" else EXIT_FAILED
 
@@ -316,8 +442,25 @@ async def _serve(args: argparse.Namespace) -> int:
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
     )
-    app = create_app(settings, server_settings)
+    # The backends are opened before the server starts, so that one that cannot be reached
+    # is one line and exit code 3 (main), not a traceback from inside uvicorn's lifespan.
+    # The lifespan's shutdown closes them, within uvicorn's handling of Ctrl-C.
+    runtime = contextlib.AsyncExitStack()
+    try:
+        dw = await runtime.enter_async_context(open_dualwrite(settings))
+    except BackendUnavailable as down:
+        raise BackendUnavailable(f"{down}; the server did not start") from down
     host, port = server_settings.host, server_settings.port
+
+    @contextlib.asynccontextmanager
+    async def lifespan_runtime() -> AsyncIterator[DualWrite]:
+        # Within the lifespan: after a SIGTERM uvicorn re-raises it once shut down, which
+        # ends the process before anything after `serve()` runs.
+        async with runtime:
+            with local_serve.announced(settings, host, port):
+                yield dw
+
+    app = create_app(settings, server_settings, open_runtime=lifespan_runtime)
     servers = [
         uvicorn.Server(
             uvicorn.Config(
@@ -349,7 +492,14 @@ async def _serve(args: argparse.Namespace) -> int:
         )
     for line in startup_lines(settings, server_settings):
         print(line, flush=True)
-    await asyncio.gather(*(server.serve() for server in servers))
+    try:
+        await asyncio.gather(*(server.serve() for server in servers))
+    except SystemExit:
+        # uvicorn exits (its code 3) when it cannot start, the port being taken say; it has
+        # logged why in one line. Our code 3 means a backend is down: this is not that.
+        return EXIT_FAILED
+    finally:
+        await runtime.aclose()  # if the lifespan never ran
     return 0
 
 
@@ -421,8 +571,13 @@ async def _reconcile(args: argparse.Namespace) -> int:
 async def _inspect(args: argparse.Namespace) -> int:
     async with open_dualwrite(_settings(args), background=False) as dw:
         found = await dw.inspect(args.message_id, args.workspace, args.channel)
-    where = f"{found.channel.workspace_id}/{found.channel.channel_id}" if found.channel else "?"
-    print(f"message {found.message_id} in {where}")
+    if found.channel is None:
+        print(
+            f"message {found.message_id}: not in the permanent store, not in the realtime tier "
+            "(never sent, or expired after an hour), not in this retry queue"
+        )
+        return EXIT_FAILED
+    print(f"message {found.message_id} in {found.channel.workspace_id}/{found.channel.channel_id}")
     print(
         "realtime tier  :",
         json.dumps(found.realtime.to_wire(), ensure_ascii=False)
@@ -462,16 +617,26 @@ async def _chaos(args: argparse.Namespace) -> int:
 
 async def _migrate(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    context = BackendContext(call_timeout_s=settings.permanent_timeout_s, migrate_on_start=True)
-    store = create_permanent_store(settings.store_url, context)
-    await store.connect()
-    await store.close()
-    print(f"migrated {redact_url(settings.store_url)}")
+    if urlsplit(settings.store_url).scheme not in ("postgresql", "postgres"):
+        print(f"nothing to migrate: {redact_url(settings.store_url)} makes its own schema")
+        return 0
+    from dualwrite.backends.permanent import postgres
+
+    context = BackendContext(call_timeout_s=settings.permanent_timeout_s)
+    version = await postgres.from_url(settings.store_url, context).migrate_now()
+    print(f"migrated {redact_url(settings.store_url)} to schema version {version}")
     return 0
 
 
 async def _bench(args: argparse.Namespace) -> int:
     bench = _needs_extra("dualwrite.tools.bench", "tools", "bench")
+    if args.baseline == "raw" and args.target != "library":
+        # The raw baseline is bare client calls in this process; set beside HTTP sends it would
+        # measure the HTTP layer (requests, auth, JSON, a second process), not dualwrite's work.
+        raise BadSetting(
+            "--baseline raw compares with --target library only: it writes with bare clients "
+            "in this process, so beside HTTP sends it would measure HTTP, not dualwrite"
+        )
     Progress, run_http, run_library = bench.Progress, bench.run_http, bench.run_library
     run_raw, write_json = bench.run_raw, bench.write_json
 

@@ -46,7 +46,14 @@ class BackendError(DualWriteError):
     """A backend call failed; the original error is chained as ``__cause__``."""
 
 
-class BackendTimeout(BackendError, TimeoutError):
+class BackendUnavailable(BackendError):
+    """A backend cannot be reached: down, cut off, refusing connections, or not answering.
+
+    Its message is one line naming the backend and what happens meanwhile.
+    """
+
+
+class BackendTimeout(BackendUnavailable, TimeoutError):
     """A backend call did not answer within its configured timeout."""
 
 

@@ -155,6 +155,10 @@ class FaultyPermanentStore:
         await self.faults.check("get")
         return await self.inner.get(channel, message_id)
 
+    async def find(self, message_id: str) -> StoredMessage | None:
+        await self.faults.check("find")
+        return await self.inner.find(message_id)
+
     async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:
         await self.faults.check("history")
         return await self.inner.history(channel, before, limit)

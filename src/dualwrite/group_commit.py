@@ -46,5 +46,8 @@ class GroupCommitStore:
     async def get(self, channel: ChannelRef, message_id: str) -> StoredMessage | None:
         return await self.inner.get(channel, message_id)
 
+    async def find(self, message_id: str) -> StoredMessage | None:
+        return await self.inner.find(message_id)
+
     async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:
         return await self.inner.history(channel, before, limit)

@@ -127,6 +127,14 @@ class PermanentStore(Protocol):
 
     async def get(self, channel: ChannelRef, message_id: str) -> StoredMessage | None: ...
 
+    async def find(self, message_id: str) -> StoredMessage | None:
+        """The record with this id in whichever channel holds it, or None (for `inspect`).
+
+        Ids are made unique, so at most one channel holds one. Slower than `get`: a store
+        without an index on the id alone scans, within its call timeout.
+        """
+        ...
+
     async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:
         """Newest first, ordered by (`timestamp`, `messageId`), strictly before the cursor."""
         ...

@@ -46,15 +46,20 @@ class ManualRecovery:
     async def retry(self, message_id: str, channel: ChannelRef | None) -> SendStatus:
         """Save one message now: "saved", or "pending" if the store still fails (queued here).
 
-        Without ``channel`` the message must wait in this process's queue (else `NotQueued`);
-        with it, a message in neither the queue nor the store is rebuilt from its realtime
-        entry (else `MessageNotFound`).
+        Without ``channel`` the message must wait in this process's queue or be saved already
+        (else `NotQueued`); with it, a message in neither the queue nor the store is rebuilt
+        from its realtime entry (else `MessageNotFound`).
         """
         queued = await self._queue.find(message_id)
         if queued is not None and channel in (None, queued.write.channel):
             return "saved" if await self._retrier.attempt(queued) else "pending"
         if channel is None:
-            raise NotQueued(f"message {message_id} is not waiting in the retry queue")
+            if await self._store.find(message_id) is not None:
+                return "saved"
+            raise NotQueued(
+                f"message {message_id} is neither waiting in the retry queue nor saved; "
+                "give its workspace and channel to save it from its realtime entry"
+            )
         if await self._store.get(channel, message_id) is not None:
             return "saved"
         live = await self._realtime.read(channel, message_id)
@@ -63,18 +68,24 @@ class ManualRecovery:
         return await self._sender.save_or_queue(PermanentWrite.from_realtime(channel, live))
 
     async def inspect(self, message_id: str, channel: ChannelRef | None) -> Inspection:
-        """Without ``channel``, it is found from the retry queue or by looking through the
-        realtime tier's channels."""
+        """Without ``channel``, the message's channel is found from the retry queue, else by
+        its id alone in the permanent store, else by reading each of the realtime tier's
+        channels. A store that cannot answer raises: a saved message is never shown absent."""
         queued = await self._queue.find(message_id)
-        if channel is not None:
-            candidates = [channel]
-        elif queued is not None:
-            candidates = [queued.write.channel]
-        else:
-            candidates = await self._realtime.channels()
-        for candidate in candidates:
-            live = await self._realtime.read(candidate, message_id)
-            stored = await self._store.get(candidate, message_id)
-            if live or stored or queued or len(candidates) == 1:
-                return Inspection(message_id, candidate, live, stored, queued)
-        return Inspection(message_id, None, None, None, queued)
+        stored = None
+        if channel is None and queued is not None:
+            channel = queued.write.channel
+        if channel is None:
+            stored = await self._store.find(message_id)
+            channel = stored.channel if stored is not None else None
+        if channel is None:
+            # Not saved: only the realtime tier can still hold it.
+            for candidate in await self._realtime.channels():
+                live = await self._realtime.read(candidate, message_id)
+                if live is not None:
+                    return Inspection(message_id, candidate, live, None, queued)
+            return Inspection(message_id, None, None, None, queued)
+        live = await self._realtime.read(channel, message_id)
+        if stored is None:
+            stored = await self._store.get(channel, message_id)
+        return Inspection(message_id, channel, live, stored, queued)

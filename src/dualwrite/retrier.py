@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from dualwrite import metrics
 from dualwrite._calls import bounded
 from dualwrite.clock import Clock
+from dualwrite.logs import OutageLog
 from dualwrite.ports import PermanentStore
 from dualwrite.retry_queue import QueuedWrite, RetryQueue
 
@@ -47,6 +48,7 @@ class Retrier:
         *,
         timeout_s: float,
         backoff: Backoff,
+        remind_every_s: float,
         batch_size: int = 100,
         rng: random.Random | None = None,
     ) -> None:
@@ -57,6 +59,8 @@ class Retrier:
         self._backoff = backoff
         self._batch_size = batch_size
         self._rng = rng or random.Random()
+        # While the store is down every attempt fails: one line, then reminders.
+        self._outage = OutageLog(log, "retry of queued writes", remind_every_s)
 
     async def attempt(self, entry: QueuedWrite) -> bool:
         """Try one queued write now; True if it is saved (and gone from the queue)."""
@@ -66,7 +70,8 @@ class Retrier:
             delay = self._backoff.delay_ms(entry.attempts + 1, self._rng)
             await self._queue.reschedule(entry, self._clock.now_ms() + delay, repr(exc))
             metrics.RETRIES.labels("failed").inc()
-            log.info(
+            self._outage.failed(exc)
+            log.debug(
                 "retry failed: message_id=%s attempts=%d next_in_ms=%d error=%r",
                 entry.message_id,
                 entry.attempts + 1,
@@ -76,6 +81,7 @@ class Retrier:
             return False
         await self._queue.remove(entry.write.channel, entry.message_id)
         metrics.RETRIES.labels("saved").inc()
+        self._outage.succeeded()
         log.info("retry saved: message_id=%s attempts=%d", entry.message_id, entry.attempts + 1)
         return True
 
@@ -109,8 +115,8 @@ class Retrier:
         while True:
             try:
                 report = await self.retry_due()
-            except Exception:
-                log.exception("retry round failed")
+            except Exception as error:
+                self._outage.failed(error)
                 report = RetryReport()
             # A full batch saved means more may be due right away.
             if len(report.saved) < self._batch_size:

@@ -17,6 +17,7 @@ from dualwrite.backends import BackendContext, create_permanent_store, create_re
 from dualwrite.clock import Clock, SystemClock
 from dualwrite.faults import Faults, FaultyPermanentStore, FaultyRealtimeTier
 from dualwrite.group_commit import GroupCommitStore
+from dualwrite.logs import OutageLog
 from dualwrite.ports import PermanentStore, RealtimeTier
 from dualwrite.reporting import init_sentry
 from dualwrite.retry_queue import RetryQueue
@@ -26,14 +27,17 @@ from dualwrite.settings import Settings
 log = logging.getLogger(__name__)
 
 
-async def _every(interval_s: float, job: Callable[[], Awaitable[None]], name: str) -> None:
-    """Run ``job`` every ``interval_s`` until cancelled; a failed round is logged, not fatal."""
+async def _every(interval_s: float, job: Callable[[], Awaitable[None]], outages: OutageLog) -> None:
+    """Run ``job`` every ``interval_s`` until cancelled; a failed round is logged, not fatal
+    (once, then as reminders while it keeps failing: a backend down is not a new event each
+    round). A round that works proves nothing (it may not have needed the store), so it
+    does not end the outage: only a quiet spell does (`OutageLog`)."""
     while True:
         await asyncio.sleep(interval_s)
         try:
             await job()
-        except Exception:
-            log.exception("%s round failed", name)
+        except Exception as error:
+            outages.failed(error)
 
 
 def _start_background(app: DualWrite, settings: Settings) -> list[asyncio.Task[None]]:
@@ -47,10 +51,15 @@ def _start_background(app: DualWrite, settings: Settings) -> list[asyncio.Task[N
         if report.persisted or report.failed:
             log.warning("reconcile: %s", report)
 
+    def outages(name: str) -> OutageLog:
+        return OutageLog(log, f"{name} round", settings.outage_reminder_s)
+
     return [
         asyncio.create_task(app.retrier.run(settings.retry_poll_s)),
-        asyncio.create_task(_every(settings.sweep_interval_s, sweep_round, "sweep")),
-        asyncio.create_task(_every(settings.reconcile_interval_s, reconcile_round, "reconcile")),
+        asyncio.create_task(_every(settings.sweep_interval_s, sweep_round, outages("sweep"))),
+        asyncio.create_task(
+            _every(settings.reconcile_interval_s, reconcile_round, outages("reconcile"))
+        ),
     ]
 
 

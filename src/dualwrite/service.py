@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator, Sequence
 from dualwrite import history
 from dualwrite._calls import bounded
 from dualwrite.clock import Clock
-from dualwrite.errors import BackendError, InvalidInput
+from dualwrite.errors import BackendError, BackendUnavailable, DualWriteError, InvalidInput
+from dualwrite.logs import one_line
 from dualwrite.model import (
     ChannelHistory,
     ChannelRef,
@@ -60,6 +61,7 @@ class DualWrite:
             clock,
             timeout_s=settings.permanent_timeout_s,
             backoff=Backoff(settings.retry_base_s, settings.retry_cap_s),
+            remind_every_s=settings.outage_reminder_s,
         )
         self.reconciler = Reconciler(
             realtime,
@@ -100,7 +102,13 @@ class DualWrite:
         here nor saved is rebuilt from its realtime entry (else `MessageNotFound`).
         """
         check_id("messageId", message_id)
-        return await self._recovery.retry(message_id, _channel_if_given(workspace_id, channel_id))
+        channel = _channel_if_given(workspace_id, channel_id)
+        try:
+            return await self._recovery.retry(message_id, channel)
+        except DualWriteError:
+            raise
+        except Exception as error:
+            raise BackendUnavailable(f"retry could not finish: {one_line(error)}") from error
 
     async def retry_all(self) -> RetryReport:
         """Manual retry of every queued permanent write."""
@@ -155,9 +163,22 @@ class DualWrite:
     async def inspect(
         self, message_id: str, workspace_id: str | None = None, channel_id: str | None = None
     ) -> Inspection:
-        """One message as each place holds it (the realtime tier, the store, the queue)."""
+        """One message as each place holds it (the realtime tier, the store, the queue).
+
+        Raises `BackendUnavailable` if a place does not answer (never reports it absent).
+        """
         check_id("messageId", message_id)
-        return await self._recovery.inspect(message_id, _channel_if_given(workspace_id, channel_id))
+        channel = _channel_if_given(workspace_id, channel_id)
+        try:
+            return await self._recovery.inspect(message_id, channel)
+        except DualWriteError:
+            raise
+        except Exception as error:
+            # Never a partial answer: a place that did not answer is not a place without it.
+            hint = "" if channel else "; with its workspace and channel only one channel is read"
+            raise BackendUnavailable(
+                f"inspect could not finish: {one_line(error)}{hint}"
+            ) from error
 
     async def reconcile(self) -> ReconcileReport:
         """Save delivered messages older than the grace period that are neither saved nor

@@ -94,6 +94,8 @@ class Settings(_FromEnv):
     group_max_in_flight: int = 4
     group_max_wait_ms: float = 0.0
     """Hold a batch this long for more writes (0: only what queued while the last was out)."""
+    outage_reminder_s: float = 300.0
+    """While a backend stays down, background work says so in the log at most this often."""
     fault_realtime: float = 0.0
     """Development only: the probability that a realtime call fails on purpose."""
     fault_permanent: float = 0.0
@@ -119,6 +121,7 @@ class Settings(_FromEnv):
             "sweep_interval_s",
             "reconcile_interval_s",
             "reconcile_grace_s",
+            "outage_reminder_s",
         )
         for name in ("fault_realtime", "fault_permanent"):
             if not 0.0 <= getattr(self, name) <= 1.0:

@@ -9,7 +9,7 @@ from dualwrite.errors import InvalidInput
 from dualwrite.ids import PushIdGenerator
 from dualwrite.model import ChannelRef, PermanentWrite
 from dualwrite.ports import PermanentStore
-from tests.conftest import unique
+from tests.conftest import needs_store, unique
 
 
 @pytest.fixture
@@ -43,6 +43,22 @@ async def test_save_then_get_returns_the_record_with_store_time(
     assert stored.timestamp != 123
     assert stored.timestamp == stored.created_at
     assert await store.get(channel, "-missing") is None
+
+
+async def test_find_looks_a_message_up_by_its_id_alone(
+    store: PermanentStore, store_kind: str, channel: ChannelRef
+) -> None:
+    needs_store(store_kind, "find")
+    ids = PushIdGenerator()
+    other = ChannelRef(channel.workspace_id, unique("other"))
+    wanted, elsewhere = make_write(channel, ids.new_id(), 1), make_write(other, ids.new_id(), 2)
+    await store.save_many([wanted, elsewhere])
+    found = await store.find(wanted.message_id)
+    assert found == await store.get(channel, wanted.message_id)
+    assert found is not None and found.channel == channel and found.text == "hi"
+    found_elsewhere = await store.find(elsewhere.message_id)
+    assert found_elsewhere is not None and found_elsewhere.channel == other
+    assert await store.find(ids.new_id()) is None
 
 
 async def test_saving_twice_keeps_one_record_and_its_first_time(

@@ -33,6 +33,8 @@ class FirebaseServers:
     urls: dict[str, str] = field(default_factory=dict)
     rest_db: Any = None
     """The firebase-rest stand-in's Database (to drop its streams), when it runs here."""
+    firestore_standin: bool = False
+    """Firestore is the npm stand-in (no collection-group queries), not Google's emulator."""
     stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     def realtime_url(self, kind: str) -> str:
@@ -122,6 +124,7 @@ def firebase_servers() -> FirebaseServers:
             port,
         )
         os.environ["FIRESTORE_EMULATOR_HOST"] = f"127.0.0.1:{port}"
+        servers.firestore_standin = True
     atexit.register(stack.close)
     _servers = servers
     return servers

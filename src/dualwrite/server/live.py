@@ -14,6 +14,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from dualwrite.logs import OutageLog
 from dualwrite.model import ChannelRef, RealtimeMessage
 from dualwrite.service import DualWrite
 
@@ -66,6 +67,10 @@ class LiveHub:
     def __init__(self, dw: DualWrite) -> None:
         self._dw = dw
         self._channels: dict[ChannelRef, _Channel] = {}
+        # Shared by every channel's subscription: a realtime tier down is one outage.
+        self._outage = OutageLog(
+            log, "live subscription (resubscribing every second)", dw.settings.outage_reminder_s
+        )
 
     @contextlib.asynccontextmanager
     async def listen(
@@ -113,11 +118,12 @@ class LiveHub:
                     channel.workspace_id, channel.channel_id, last_id
                 ):
                     last_id = message.message_id
+                    self._outage.succeeded()
                     frame = encode(channel, message)
                     for listener in list(entry.listeners):
                         listener.offer(message.message_id, frame)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("live subscription failed, resubscribing: channel=%s", channel)
+            except Exception as error:
+                self._outage.failed(error)
                 await asyncio.sleep(1)

@@ -121,8 +121,21 @@ class BenchReport:
         ]
         if "ratio_to_raw" in d:
             rows.append(("dualwrite / raw (sends/s)", [str(d["ratio_to_raw"])]))
-        width = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k.ljust(width)}  " + "  |  ".join(v) for k, v in rows)
+        return _align(rows)
+
+
+def _align(rows: list[tuple[str, list[str]]]) -> str:
+    """Rows of a label and values, each column as wide as its widest cell."""
+    label_width = max(len(label) for label, _ in rows)
+    widths = [
+        max(len(values[i]) for _, values in rows if len(values) > i)
+        for i in range(max(len(values) for _, values in rows))
+    ]
+    lines = []
+    for label, values in rows:
+        cells = [value.ljust(width) for value, width in zip(values, widths, strict=False)]
+        lines.append(f"{label.ljust(label_width)}  " + "  |  ".join(cells).rstrip())
+    return "\n".join(lines)
 
 
 class Progress:

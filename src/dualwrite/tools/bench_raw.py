@@ -44,15 +44,16 @@ async def raw_realtime(url: str) -> AsyncIterator[RawWrite | None]:
     elif scheme in ("redis", "rediss"):
         import redis.asyncio as aioredis
 
-        clean, _ = _without_query(url, "prefix", "max_connections")
+        clean, picked = _without_query(url, "prefix", "max_connections")
+        prefix = picked.get("prefix", "dualwrite:") + "rawbench:"  # under the tier's own prefix
         pool = aioredis.BlockingConnectionPool.from_url(clean, max_connections=64, timeout=5)
         client = aioredis.Redis(connection_pool=pool)
 
         async def write_redis(index: int, record: dict[str, Any]) -> None:
             encoded = json.dumps(record)
             async with client.pipeline(transaction=True) as pipe:
-                pipe.set(f"rawbench:msg:{index}", encoded, px=3_600_000)
-                pipe.publish("rawbench:channel", encoded)
+                pipe.set(f"{prefix}msg:{index}", encoded, px=3_600_000)
+                pipe.publish(f"{prefix}channel", encoded)
                 await pipe.execute()
 
         try:
@@ -80,9 +81,13 @@ async def raw_store(url: str) -> AsyncIterator[RawWrite | None]:
             await loop.run_in_executor(executor, conn.close)
             executor.shutdown()
     elif scheme in ("postgresql", "postgres"):
+        from psycopg import sql
         from psycopg_pool import AsyncConnectionPool
 
-        clean, _ = _without_query(url, "schema", "migrate")
+        clean, picked = _without_query(url, "schema", "migrate")
+        # Beside the measured store's own table, in its schema (which the dualwrite run made):
+        # a shared database is touched nowhere else, and both runs write to the same place.
+        table = sql.Identifier(picked.get("schema", "dualwrite"), "dualwrite_rawbench")
         pool = AsyncConnectionPool(
             clean.replace("postgres://", "postgresql://", 1),
             min_size=4,
@@ -93,16 +98,20 @@ async def raw_store(url: str) -> AsyncIterator[RawWrite | None]:
         await pool.open(wait=True)
         async with pool.connection() as setup:
             await setup.execute(
-                "CREATE TABLE IF NOT EXISTS public.dualwrite_rawbench (id bigint PRIMARY KEY, "
-                "user_id text, user_name text, text text, ts timestamptz, created timestamptz)"
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} (id bigint PRIMARY KEY, user_id text, "
+                    "user_name text, text text, ts timestamptz, created timestamptz)"
+                ).format(table)
             )
-            await setup.execute("TRUNCATE public.dualwrite_rawbench")
+            await setup.execute(sql.SQL("TRUNCATE {}").format(table))
 
         async def insert_postgres(index: int, record: dict[str, Any]) -> None:
             async with pool.connection() as pooled:
                 await pooled.execute(
-                    "INSERT INTO public.dualwrite_rawbench VALUES (%s, %s, %s, %s, now(), now()) "
-                    "ON CONFLICT DO NOTHING",
+                    sql.SQL(
+                        "INSERT INTO {} VALUES (%s, %s, %s, %s, now(), now()) "
+                        "ON CONFLICT DO NOTHING"
+                    ).format(table),
                     (index, record["userId"], record["userName"], record["text"]),
                 )
 

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from google.api_core.exceptions import AlreadyExists
 from google.cloud import firestore
+from google.cloud.firestore_v1.base_query import FieldFilter
 
 from dualwrite.backends import BackendContext
 from dualwrite.errors import UnknownBackend
@@ -92,6 +93,22 @@ class FirestorePermanentStore:
     async def get(self, channel: ChannelRef, message_id: str) -> StoredMessage | None:
         snapshot = await self._messages(channel).document(message_id).get(timeout=self._timeout_s)
         return _to_message(channel, snapshot.to_dict()) if snapshot.exists else None
+
+    async def find(self, message_id: str) -> StoredMessage | None:
+        """A collection-group query on the `messageId` field every document carries; it needs
+        the collection-group index of firestore.indexes.json (without it Firestore refuses the
+        query: an error, never a false "absent"). Other collections named `messages` are
+        skipped by their path."""
+        if self._client is None:
+            raise RuntimeError("FirestorePermanentStore is not connected")
+        query = self._client.collection_group("messages").where(
+            filter=FieldFilter("messageId", "==", message_id)
+        )
+        for snapshot in await query.limit(10).get(timeout=self._timeout_s):
+            path = snapshot.reference.path.split("/")
+            if len(path) == 6 and path[0] == "workspaces" and path[2] == "channels":
+                return _to_message(ChannelRef(path[1], path[3]), snapshot.to_dict())
+        return None
 
     async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:
         """Pages by whole milliseconds, like every store, though Firestore keeps microseconds:

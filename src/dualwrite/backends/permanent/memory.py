@@ -49,6 +49,12 @@ class MemoryPermanentStore:
     async def get(self, channel: ChannelRef, message_id: str) -> StoredMessage | None:
         return self._channels.get(channel, {}).get(message_id)
 
+    async def find(self, message_id: str) -> StoredMessage | None:
+        for records in self._channels.values():
+            if message_id in records:
+                return records[message_id]
+        return None
+
     async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:
         ordered = sorted(
             self._channels.get(channel, {}).values(),

@@ -20,7 +20,8 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from dualwrite.backends import BackendContext
-from dualwrite.errors import BackendError
+from dualwrite.errors import BackendError, BackendUnavailable
+from dualwrite.logs import one_line
 from dualwrite.model import (
     ChannelRef,
     HistoryPage,
@@ -105,7 +106,7 @@ def tcp_settings(timeout_s: float) -> dict[str, int]:
     }
 
 
-class DatabaseUnreachable(BackendError):
+class DatabaseUnreachable(BackendUnavailable):
     """PostgreSQL did not answer (down, cut off, or refusing connections)."""
 
 
@@ -126,11 +127,17 @@ class PostgresPermanentStore:
         self._schema_ready = False
         self._left_behind: set[asyncio.Task[Any]] = set()
 
-    async def connect(self) -> None:
+    def _open_pool(self) -> AsyncConnectionPool[Connection]:
+        # psycopg_pool warns at every failed reconnect attempt; dualwrite says once that the
+        # database is down and reminds of it (logs.OutageLog). An application that set the
+        # pool logger's level itself keeps its choice.
+        pool_log = logging.getLogger("psycopg.pool")
+        if pool_log.level == logging.NOTSET:
+            pool_log.setLevel(logging.ERROR)
         # The URL's own TCP settings, if it has any, win over the derived ones.
         given = conninfo_to_dict(self._conninfo)
         tcp = {k: v for k, v in tcp_settings(self._timeout_s).items() if k not in given}
-        self._pool = AsyncConnectionPool(
+        return AsyncConnectionPool(
             self._conninfo,
             min_size=1,
             max_size=10,
@@ -147,13 +154,17 @@ class PostgresPermanentStore:
                 **tcp,
             },
         )
+
+    async def connect(self) -> None:
+        self._pool = self._open_pool()
         # Start even while PostgreSQL is down: sends are then delivered and queued, which is
         # the point of the realtime tier. The schema is checked as soon as it answers.
         await self._pool.open(wait=False)
         try:
+            await self._probe()
             await self._ensure_schema()
         except DatabaseUnreachable as unreachable:
-            log.warning("%s; sends will queue until it answers", unreachable)
+            log.warning("%s: sends are queued until it answers", unreachable)
         except BaseException:
             await self.close()
             raise
@@ -166,15 +177,42 @@ class PostgresPermanentStore:
                 await self.migrate()
             version = await self.schema_version()
         except (psycopg.OperationalError, PoolTimeout) as exc:
-            raise DatabaseUnreachable(
-                f"cannot reach PostgreSQL at {redact_url(self._conninfo)}: {exc}"
-            ) from exc
+            raise self._unreachable(exc) from exc
         if version < SCHEMA_VERSION:
             raise SchemaMissing(
                 f"schema {self._schema_name!r} is not at version {SCHEMA_VERSION}: "
                 "run `dualwrite migrate` (or set DUALWRITE_MIGRATE_ON_START=1)"
             )
         self._schema_ready = True
+
+    def _unreachable(self, exc: Exception) -> DatabaseUnreachable:
+        return DatabaseUnreachable(
+            f"cannot reach PostgreSQL at {redact_url(self._conninfo)} ({one_line(exc)})"
+        )
+
+    async def _probe(self) -> None:
+        """One direct connection, so that a database that cannot be reached says why at once
+        ("connection refused"), where the pool would only time out after `timeout_s`."""
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self._conninfo, connect_timeout=max(1, int(self._timeout_s))
+            )
+        except psycopg.OperationalError as exc:
+            raise self._unreachable(exc) from exc
+        await conn.close()
+
+    async def migrate_now(self) -> int:
+        """`dualwrite migrate`: open, bring the schema up to date, close; raises
+        `DatabaseUnreachable` rather than starting without the database as `connect` does."""
+        self._pool = self._open_pool()
+        try:
+            await self._probe()
+            await self._pool.open(wait=True, timeout=self._timeout_s)
+            return await self.migrate()
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise self._unreachable(exc) from exc
+        finally:
+            await self.close()
 
     async def close(self) -> None:
         # Interrupted a second time, psycopg closes a connection instead of waiting on it.
@@ -289,6 +327,17 @@ class PostgresPermanentStore:
         rows = await self._run(_fetch(query, params))
         return _to_message(rows[0]) if rows else None
 
+    async def find(self, message_id: str) -> StoredMessage | None:
+        """A sequential scan (no index serves the id alone, and `inspect` is the only caller),
+        cut off by `statement_timeout` on a table too large to scan in time."""
+        await self._ensure_schema()
+        async with self._p.connection() as conn:
+            cur = await conn.execute(
+                self._q(_SELECT + "WHERE message_id = %s LIMIT 1"), (message_id,)
+            )
+            row = await cur.fetchone()
+        return _to_message(row) if row else None
+
     async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:
         query, params = self._history_query(channel, before, limit)
         await self._ensure_schema()
@@ -330,6 +379,11 @@ def _to_message(row: tuple[Any, ...]) -> StoredMessage:
 
 
 def create(url: str, context: BackendContext) -> PermanentStore:
+    return from_url(url, context)
+
+
+def from_url(url: str, context: BackendContext) -> PostgresPermanentStore:
+    """The store a `postgresql://` URL names (with `?schema=`, `?migrate=1`), not connected."""
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query))
     schema = query.pop("schema", "dualwrite")

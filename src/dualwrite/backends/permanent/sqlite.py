@@ -77,6 +77,9 @@ class SqlitePermanentStore:
     async def get(self, channel: ChannelRef, message_id: str) -> StoredMessage | None:
         return await self._db.call(_get, channel, message_id)
 
+    async def find(self, message_id: str) -> StoredMessage | None:
+        return await self._db.call(_find, message_id)
+
     async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:
         bound = parse_history_cursor(before) if before is not None else None
         return await self._db.call(_history, channel, bound, limit)
@@ -104,6 +107,15 @@ def _get(db: sqlite3.Connection, channel: ChannelRef, message_id: str) -> Stored
         f"SELECT {_COLUMNS} FROM messages "
         "WHERE workspace_id = ? AND channel_id = ? AND message_id = ?",
         (channel.workspace_id, channel.channel_id, message_id),
+    ).fetchone()
+    return _to_message(row) if row else None
+
+
+def _find(db: sqlite3.Connection, message_id: str) -> StoredMessage | None:
+    # A scan of the table: no index serves the id alone, and `inspect` is the only caller;
+    # an index would cost every write for it.
+    row = db.execute(
+        f"SELECT {_COLUMNS} FROM messages WHERE message_id = ? LIMIT 1", (message_id,)
     ).fetchone()
     return _to_message(row) if row else None
 

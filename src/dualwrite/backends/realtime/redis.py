@@ -17,14 +17,19 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dualwrite._coalesce import Coalescer
 from dualwrite.backends import BackendContext
 from dualwrite.backends._recent import RecentIds
 from dualwrite.clock import Clock
+from dualwrite.errors import BackendUnavailable
 from dualwrite.ids import time_prefix
+from dualwrite.logs import one_line
 from dualwrite.model import REALTIME_TTL_MS, ChannelRef, RealtimeMessage
 from dualwrite.ports import RealtimeTier, SendClaim, SendKey, TokenRequest
+from dualwrite.redact import redact_url
 
 _WRITE = """
 local t = redis.call('TIME')
@@ -103,7 +108,15 @@ class RedisRealtimeTier:
         self._listen_redis = aioredis.Redis.from_url(self._url, **options)
         self._write_script = self._redis.register_script(_WRITE)
         self._take_script = self._redis.register_script(_TAKE)
-        await self._redis.script_load(_WRITE)
+        try:
+            await self._redis.script_load(_WRITE)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            # Without the realtime tier no send can succeed: say so in one line, not a driver
+            # traceback. (The caller closes what connect opened.)
+            raise BackendUnavailable(
+                f"cannot reach Redis at {redact_url(self._url)} ({one_line(exc)}): "
+                "sends fail until it answers"
+            ) from exc
 
     async def close(self) -> None:
         for client in (self._redis, self._listen_redis):
