@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from dualwrite import metrics
 from dualwrite._calls import bounded
 from dualwrite.clock import Clock
 from dualwrite.errors import NotQueued
+from dualwrite.model import ChannelRef
 from dualwrite.ports import PermanentStore
 from dualwrite.retry_queue import QueuedWrite, RetryQueue
 
@@ -48,6 +50,7 @@ class Retrier:
         *,
         timeout_s: float,
         backoff: Backoff,
+        on_saved: Callable[[ChannelRef, str], Awaitable[None]],
         batch_size: int = 100,
         rng: random.Random | None = None,
     ) -> None:
@@ -56,6 +59,7 @@ class Retrier:
         self._clock = clock
         self._timeout_s = timeout_s
         self._backoff = backoff
+        self._on_saved = on_saved
         self._batch_size = batch_size
         self._rng = rng or random.Random()
 
@@ -78,6 +82,7 @@ class Retrier:
         await self._queue.remove(entry.write.channel, entry.message_id)
         metrics.RETRIES.labels("saved").inc()
         log.info("retry saved: message_id=%s attempts=%d", entry.message_id, entry.attempts + 1)
+        await self._on_saved(entry.write.channel, entry.message_id)
         return True
 
     async def retry_message(self, message_id: str) -> bool:

@@ -179,6 +179,35 @@ async def queue(request: Request, identity: Identity) -> Response:
     )
 
 
+def workspace_of(request: Request, identity: Identity) -> str:
+    """The workspace in the path, if it is the caller's (else 403)."""
+    workspace_id = check_id("workspaceId", request.path_params["ws"])
+    if workspace_id != identity.workspace_id:
+        raise ApiError(403, {"error": "forbidden: not your workspace"})
+    return workspace_id
+
+
+async def channels(request: Request, identity: Identity) -> Response:
+    """`GET /api/workspaces/{ws}/channels`: those created and those holding messages."""
+    workspace_id = workspace_of(request, identity)
+    found = await server_state(request).dw.channels(workspace_id)
+    return JSONResponse({"channels": found})
+
+
+async def create_channel(request: Request, identity: Identity) -> Response:
+    """`POST /api/workspaces/{ws}/channels` `{channelId}`: 201, announced to every socket of
+    the workspace; creating one that exists is a success too."""
+    workspace_id = workspace_of(request, identity)
+    state = server_state(request)
+    body = await json_body(request, state.settings.max_body_bytes)
+    channel_id = body.get("channelId")
+    if not isinstance(channel_id, str):
+        raise InvalidInput("channelId", "must be a string")
+    channel = check_channel(workspace_id, channel_id)
+    await state.dw.create_channel(channel.workspace_id, channel.channel_id)
+    return JSONResponse({"workspaceId": workspace_id, "channelId": channel_id}, 201)
+
+
 async def dev_token(request: Request) -> Response:
     """`POST /api/dev/token`: the page's development sign-in (only when turned on)."""
     state = server_state(request)

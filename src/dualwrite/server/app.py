@@ -66,7 +66,8 @@ def create_app(
             state.started(runtime)
             yield
 
-    messages = "/api/workspaces/{ws}/channels/{ch}/messages"
+    channels = "/api/workspaces/{ws}/channels"
+    messages = channels + "/{ch}/messages"
     routes = [
         Route("/", page),
         Route("/healthz", health),
@@ -76,6 +77,8 @@ def create_app(
         Route(messages, api.api_endpoint(api.history), methods=["GET"]),
         Route(messages + "/{id}/persist", api.api_endpoint(api.retry), methods=["POST"]),
         Route("/api/queue", api.api_endpoint(api.queue), methods=["GET"]),
+        Route(channels, api.api_endpoint(api.channels), methods=["GET"]),
+        Route(channels, api.api_endpoint(api.create_channel), methods=["POST"]),
         WebSocketRoute("/ws/workspaces/{ws}/channels/{ch}", sockets.live),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]

@@ -30,7 +30,6 @@ from dualwrite.settings import redact_url
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 
 _MIGRATIONS = [
     # Version 1: the messages table and the index serving history pages.
@@ -49,7 +48,32 @@ _MIGRATIONS = [
     CREATE INDEX IF NOT EXISTS messages_history
         ON {schema}.messages (workspace_id, channel_id, "timestamp" DESC, message_id DESC);
     """,
+    # Next version: channels created before they hold a message (the page's channel list).
+    """
+    CREATE TABLE IF NOT EXISTS {schema}.channels (
+        workspace_id text COLLATE "C" NOT NULL,
+        channel_id   text COLLATE "C" NOT NULL,
+        created_at   timestamptz NOT NULL,
+        PRIMARY KEY (workspace_id, channel_id)
+    );
+    """,
 ]
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+# The channels holding messages, one index seek per channel (a loose index scan) rather than a
+# scan of every message of the workspace; then those added without a message yet.
+_CHANNELS = """
+WITH RECURSIVE held(ch) AS (
+    SELECT min(channel_id) FROM {schema}.messages WHERE workspace_id = %(ws)s
+    UNION ALL
+    SELECT (SELECT min(channel_id) FROM {schema}.messages
+            WHERE workspace_id = %(ws)s AND channel_id > held.ch)
+    FROM held WHERE held.ch IS NOT NULL
+)
+SELECT ch FROM held WHERE ch IS NOT NULL
+UNION
+SELECT channel_id FROM {schema}.channels WHERE workspace_id = %(ws)s
+"""
 
 _MS = "(extract(epoch FROM {col}) * 1000)::bigint"
 _SELECT = (
@@ -214,6 +238,23 @@ class PostgresPermanentStore:
             )
             rows = await cur.fetchall()
         return HistoryPage.from_candidates([_to_message(r) for r in rows], limit)
+
+    async def add_channel(self, channel: ChannelRef) -> None:
+        await self._ensure_schema()
+        async with self._p.connection() as conn:
+            await conn.execute(
+                self._q(
+                    "INSERT INTO {schema}.channels VALUES (%s, %s, now()) ON CONFLICT DO NOTHING"
+                ),
+                (channel.workspace_id, channel.channel_id),
+            )
+
+    async def channels(self, workspace_id: str) -> list[str]:
+        await self._ensure_schema()
+        async with self._p.connection() as conn:
+            cur = await conn.execute(self._q(_CHANNELS), {"ws": workspace_id})
+            rows = await cur.fetchall()
+        return sorted(str(row[0]) for row in rows)
 
 
 def _to_message(row: tuple[Any, ...]) -> StoredMessage:

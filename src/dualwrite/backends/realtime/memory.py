@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dualwrite.backends import BackendContext
 from dualwrite.backends._recent import RecentIds
 from dualwrite.clock import Clock
-from dualwrite.model import ChannelRef, RealtimeMessage
+from dualwrite.model import ChannelRef, LiveEvent, RealtimeMessage
 from dualwrite.ports import RealtimeTier, SendClaim, SendKey
 
 
@@ -21,6 +21,7 @@ class MemoryRealtimeTier:
         self._channels: dict[ChannelRef, dict[str, RealtimeMessage]] = {}
         self._subscribers: dict[ChannelRef, set[asyncio.Queue[RealtimeMessage]]] = {}
         self._claims: dict[SendKey, tuple[SendClaim, int]] = {}
+        self._listeners: dict[str, set[asyncio.Queue[LiveEvent]]] = {}
 
     async def connect(self) -> None:
         pass
@@ -97,6 +98,22 @@ class MemoryRealtimeTier:
             return held[0]
         self._claims[key] = (claim, now + ttl_ms)
         return claim
+
+    async def publish(self, workspace_id: str, event: LiveEvent) -> None:
+        for queue in self._listeners.get(workspace_id, ()):
+            queue.put_nowait(event)
+
+    async def events(self, workspace_id: str) -> AsyncIterator[LiveEvent]:
+        queue: asyncio.Queue[LiveEvent] = asyncio.Queue()
+        listeners = self._listeners.setdefault(workspace_id, set())
+        listeners.add(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            listeners.discard(queue)
+            if not listeners:
+                self._listeners.pop(workspace_id, None)
 
 
 def create(url: str, context: BackendContext) -> RealtimeTier:
