@@ -34,6 +34,8 @@ from dualwrite.validation import check_channel, check_id
 
 log = logging.getLogger(__name__)
 
+_NOTICE_PAUSE_MS = 30_000
+
 
 class DualWrite:
     """A running `dualwrite`: send, read, retry, inspect."""
@@ -51,6 +53,7 @@ class DualWrite:
         self._store = store
         self._queue = queue
         self._clock = clock
+        self._notices_paused_until = 0
         self.sender = MessageSender(
             realtime,
             store,
@@ -83,8 +86,12 @@ class DualWrite:
         """Tell every process's live sockets that a late permanent write landed.
 
         Best effort: the write is saved whatever happens here, and a reader that misses the
-        notice sees "saved" in history.
+        notice sees "saved" in history. After a failed notice the next ones are skipped for a
+        while, so that a hung realtime tier costs the retrier one timeout, not one per write.
         """
+        now = self._clock.now_ms()
+        if now < self._notices_paused_until:
+            return
         try:
             await bounded(
                 self._realtime.publish(
@@ -94,6 +101,7 @@ class DualWrite:
                 "realtime tier",
             )
         except Exception as error:
+            self._notices_paused_until = now + _NOTICE_PAUSE_MS
             log.warning("saved notice not published: message_id=%s error=%r", message_id, error)
 
     async def send_message(

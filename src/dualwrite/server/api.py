@@ -199,6 +199,14 @@ async def create_channel(request: Request, identity: Identity) -> Response:
     the workspace; creating one that exists is a success too."""
     workspace_id = workspace_of(request, identity)
     state = server_state(request)
+    # Channels come out of the sender's allowance too: nobody floods the list.
+    wait_s = state.limiter.acquire((identity.workspace_id, identity.user.id))
+    if wait_s:
+        return JSONResponse(
+            {"error": "too many requests: slow down"},
+            429,
+            headers={"Retry-After": retry_after_header(wait_s)},
+        )
     body = await json_body(request, state.settings.max_body_bytes)
     channel_id = body.get("channelId")
     if not isinstance(channel_id, str):

@@ -172,6 +172,7 @@ OPENAPI: dict[str, Any] = {
                 "responses": {
                     "201": {"description": "created (or existed already)"},
                     "400": _error("the body is not a JSON object"),
+                    "429": _error("the user creates too fast; see Retry-After"),
                     "413": _error("body too long"),
                     "503": _error("the store did not answer; try again"),
                     **_COMMON,
