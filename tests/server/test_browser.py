@@ -9,9 +9,11 @@ temporary folder by default); the 1280 px one is the README's docs/page.png.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +27,13 @@ from playwright.sync_api import (
     Error,
     Page,
     Route,
+    WebSocketRoute,
     expect,
     sync_playwright,
 )
 
+from dualwrite.model import User
+from dualwrite.server.auth import Identity
 from dualwrite.settings import ServerSettings
 from dualwrite.tools.serve_process import free_port
 from tests.server.conftest import SECRET, Api, _api
@@ -565,3 +570,97 @@ def test_no_error_reaches_the_user_as_a_script_error(
     with contextlib.suppress(Error):
         page.goto(str(api.client.base_url) + "/#/acme/%E0%A4%A")  # a broken escape
     expect(page.get_by_test_id("live-state")).to_have_text("live")
+
+
+# ---- the WebSocket contract, against a scripted server ----------------------------------
+
+
+def test_the_socket_follows_the_shared_contract(
+    browser: Browser, api: Api, problems: Problems
+) -> None:
+    """First-frame token, `?cursor=` resume after 1013, history reload and a fresh socket
+    after 4410, unknown frame types ignored, each message shown once."""
+    page = open_page(browser, str(api.client.base_url), problems)
+    sockets: list[tuple[str, list[str]]] = []
+    events: list[str] = []  # "history" and "socket", in the order they happened
+    page.on("request", lambda r: events.append("history") if "/messages?" in r.url else None)
+    now = int(time.time() * 1000)
+
+    def frame(message_id: str, text: str, cursor: str) -> str:
+        return json.dumps(
+            {
+                "type": "message",
+                "messageId": message_id,
+                "workspaceId": "acme",
+                "channelId": "general",
+                "userId": "u9",
+                "userName": "Script",
+                "text": text,
+                "timestamp": now,
+                "ttl": now + 3_600_000,
+                "cursor": cursor,
+            }
+        )
+
+    def scripted(ws: WebSocketRoute) -> None:
+        received: list[str] = []
+        sockets.append((ws.url, received))
+        events.append("socket")
+        turn = len(sockets)
+
+        def on_message(data: str | bytes) -> None:
+            received.append(str(data))
+            if turn == 1:
+                ws.send(frame("-A0000000000000000001", "one", "c1"))
+                ws.close(code=1013, reason="too slow")
+            elif turn == 2:
+                ws.send(json.dumps({"type": "typing", "userId": "u9"}))
+                ws.send(frame("-A0000000000000000001", "one", "c1"))  # a repeat
+                ws.send(frame("-A0000000000000000002", "two", "c2"))
+                ws.close(code=4410, reason="cursor too old")
+
+        ws.on_message(on_message)
+
+    page.route_web_socket(re.compile(r".*/ws/workspaces/.*"), scripted)
+    page.get_by_role("button", name="Sign in", exact=True).click()
+    expect(page.get_by_test_id("message")).to_have_count(2)
+    expect(page.get_by_test_id("live-state")).to_have_text("live")
+    assert texts(page) == ["one", "two"]
+    for _ in range(50):
+        if len(sockets) >= 3:
+            break
+        page.wait_for_timeout(100)
+    urls = [url.split("/channels/general", 1)[1] for url, _ in sockets]
+    assert urls == ["", "?cursor=c1", ""]
+    for _, received in sockets:
+        assert json.loads(received[0]).keys() == {"token"}
+    # History first; and after the 4410 (second socket), history again before the third.
+    assert events[0] == "history"
+    opened = [i for i, event in enumerate(events) if event == "socket"]
+    assert "history" in events[opened[1] : opened[2]]
+
+
+def test_the_token_is_renewed_before_it_expires(
+    browser: Browser, api: Api, problems: Problems
+) -> None:
+    page = open_page(browser, str(api.client.base_url), problems)
+    short = api.signer.mint(Identity(User("u1", "Ada"), "acme"), lifetime_s=4)
+    fresh = api.token()
+    renewals: list[str | None] = []
+    page.route(
+        "**/api/dev/token",
+        lambda route: route.fulfill(json={"token": short}),
+    )
+
+    def renew(route: Route) -> None:
+        renewals.append(route.request.headers.get("authorization"))
+        route.fulfill(json={"token": fresh, "expiresAt": 0})
+
+    page.route("**/api/auth/renew", renew)
+    sign_in(page)
+    page.wait_for_timeout(5000)  # past the first token's expiry
+    assert renewals == [f"Bearer {short}"]
+    send(page, "after renewal")
+    expect(message(page, "after renewal")).not_to_have_class(re.compile(r"\boutbox\b"))
+    expect(page.get_by_test_id("sign-in")).to_be_hidden()
+    assert stored_texts(api) == ["after renewal"]
