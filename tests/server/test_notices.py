@@ -133,3 +133,14 @@ async def late_save_elsewhere(
         report = await dw.retry_all()
         assert report.saved == [sent.message_id]
     assert next_frame(ws, "saved")["messageId"] == sent.message_id
+
+
+def test_a_channel_first_used_by_a_message_joins_the_list_and_is_announced(api: Api) -> None:
+    with socket(api.ws_base, "acme", "general", api.token(user="u2", name="Bob")) as bob:
+        sent = api.client.post(
+            "/api/workspaces/acme/channels/fresh/messages", headers=api.auth(), json={"text": "hi"}
+        )
+        assert sent.status_code == 201
+        assert next_frame(bob, "channels")["added"] == ["fresh"]
+    listed = api.client.get("/api/workspaces/acme/channels", headers=api.auth()).json()
+    assert listed == {"channels": ["fresh"]}

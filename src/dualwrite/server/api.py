@@ -8,6 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -23,7 +24,7 @@ from dualwrite.errors import (
 from dualwrite.model import ChannelRef, User
 from dualwrite.server.auth import Identity, Unauthorized, bearer_token
 from dualwrite.server.ratelimit import retry_after_header
-from dualwrite.server.state import server_state
+from dualwrite.server.state import ServerState, server_state
 from dualwrite.validation import check_channel, check_id
 
 log = logging.getLogger(__name__)
@@ -116,9 +117,21 @@ async def send(request: Request, identity: Identity) -> Response:
         "status": result.status,
         "timestamp": result.timestamp,
     }
+    # A channel first used by a message joins the list too; after the answer, so that a slow
+    # store never delays it.
+    announce = None
+    if state.first_sight(channel.workspace_id, channel.channel_id):
+        announce = BackgroundTask(_record_channel, state, channel)
     if result.warning:
-        return JSONResponse({**payload, "warning": result.warning}, 202)
-    return JSONResponse(payload, 201)
+        return JSONResponse({**payload, "warning": result.warning}, 202, background=announce)
+    return JSONResponse(payload, 201, background=announce)
+
+
+async def _record_channel(state: ServerState, channel: ChannelRef) -> None:
+    try:
+        await state.dw.create_channel(channel.workspace_id, channel.channel_id)
+    except BackendError as error:
+        log.warning("channel not recorded: channel=%s error=%s", channel, error)
 
 
 async def history(request: Request, identity: Identity) -> Response:
