@@ -219,8 +219,11 @@ def test_a_failed_send_stays_marked_not_sent_with_retry_and_delete(
     expect(page.locator("li.failed")).to_have_count(2)
     expect(page.get_by_test_id("composer")).to_have_value("a draft")
     api.realtime_faults.heal()
-    message(page, "second try").get_by_test_id("message-retry").click()
+    # By keyboard: the focus stays on the list while it is rebuilt.
+    message(page, "second try").get_by_test_id("message-retry").focus()
+    page.keyboard.press("Enter")
     expect(message(page, "second try")).not_to_have_class(re.compile(r"\bfailed\b"))
+    expect(page.get_by_test_id("composer")).to_be_focused()  # not lost to the page
     message(page, "first try").get_by_test_id("message-delete").click()
     expect(message(page, "first try")).to_have_count(0)
     expect(banner).to_be_hidden()
@@ -399,10 +402,12 @@ def test_two_users_see_a_new_channel_appear_and_it_survives_a_reload(
 ) -> None:
     ada = signed_in(browser, api, problems)
     bob = signed_in(browser, api, problems, "u2", "Bob")
+    ada.get_by_test_id("composer").fill("a draft for general")
     ada.fill("#new-channel", "design")
     ada.press("#new-channel", "Enter")
     expect(ada.locator("#channel-name")).to_have_text("# design")
     assert ada.url.endswith("#/acme/design")
+    expect(ada.get_by_test_id("composer")).to_have_value("")  # drafts are per channel
     expect(bob.get_by_test_id("channels")).to_contain_text("# design")
     send(ada, "in design")
     ada.reload()
@@ -412,6 +417,8 @@ def test_two_users_see_a_new_channel_appear_and_it_survives_a_reload(
     expect(bob.get_by_test_id("channels")).to_contain_text("# design")
     bob.get_by_role("button", name="# design").click()
     expect(message(bob, "in design")).to_have_count(1)
+    ada.get_by_role("button", name="# general").click()
+    expect(ada.get_by_test_id("composer")).to_have_value("a draft for general")
 
 
 # ---- reading -----------------------------------------------------------------------------

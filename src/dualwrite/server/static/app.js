@@ -563,6 +563,10 @@ function render({ stick = false, keepAnchor = false }) {
   const wasAtBottom = atBottom();
   const oldHeight = scroller.scrollHeight;
   const oldTop = scroller.scrollTop;
+  // The list is rebuilt: remember which of its buttons had the keyboard focus, to give it back.
+  const focused = document.activeElement && document.activeElement.closest("#messages li") ? document.activeElement : null;
+  const focusedItem = focused && focused.closest("li");
+  const focusKey = focused && (focusedItem.dataset.clientMessageId || focusedItem.dataset.messageId);
   const items = [];
   let previous = null;
   const mine = (message) => message.userId === state.me.userId;
@@ -623,6 +627,11 @@ function render({ stick = false, keepAnchor = false }) {
     previous = message;
   }
   $("messages").replaceChildren(...items);
+  if (focused) {
+    const again = items.find((item) => (item.dataset.clientMessageId || item.dataset.messageId) === focusKey);
+    const target = again && again.querySelector(`[data-testid="${focused.dataset.testid}"]`);
+    (target || $("text")).focus();
+  }
   $("send-failed").hidden = failed === 0;
   $("not-saved").hidden = unsaved === 0 && !$("not-saved-status").textContent;
   $("history-error").hidden = !state.historyFailed;
