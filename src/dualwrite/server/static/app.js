@@ -27,6 +27,7 @@ const state = {
   channels: new Set(),
   channel: null,
   messages: new Map(),     // messageId -> message of the open channel
+  nodes: new Map(),        // messageId -> {look, node}: the element drawn for it
   nextBefore: null,        // history cursor of the next older page (null: none, undefined: unknown)
   historyLoaded: false,
   loadingOlder: false,
@@ -277,6 +278,7 @@ function openChannel(name, first = false) {
   if (!first) saveDraft();
   state.channel = name;
   state.messages = new Map();
+  state.nodes = new Map();
   state.nextBefore = undefined;
   state.historyLoaded = false;
   state.historyFailed = false;
@@ -484,13 +486,21 @@ $("new-messages").addEventListener("click", () => {
   clearUnread();
 });
 
+// Formatters are built once: building one per message made a long list slow to draw.
+const FORMAT = {
+  full: new Intl.DateTimeFormat(undefined, { dateStyle: "full", timeStyle: "medium" }),
+  day: new Intl.DateTimeFormat(undefined, { weekday: "long", month: "long", day: "numeric" }),
+  dayWithYear: new Intl.DateTimeFormat(undefined, { weekday: "long", month: "long", day: "numeric", year: "numeric" }),
+  monthDay: new Intl.DateTimeFormat(undefined, { month: "short", day: "numeric" }),
+};
+
 function dayLabel(ms) {
   const day = new Date(ms);
   const today = new Date();
   const yesterday = new Date(); yesterday.setDate(today.getDate() - 1);
   if (day.toDateString() === today.toDateString()) return "Today";
   if (day.toDateString() === yesterday.toDateString()) return "Yesterday";
-  return day.toLocaleDateString(undefined, { weekday: "long", month: "long", day: "numeric", year: day.getFullYear() === today.getFullYear() ? undefined : "numeric" });
+  return (day.getFullYear() === today.getFullYear() ? FORMAT.day : FORMAT.dayWithYear).format(day);
 }
 
 function relativeTime(ms) {
@@ -498,13 +508,13 @@ function relativeTime(ms) {
   if (seconds < 60) return "just now";
   if (seconds < 3600) return `${Math.floor(seconds / 60)} min ago`;
   if (seconds < 86400) return `${Math.floor(seconds / 3600)} h ago`;
-  return new Date(ms).toLocaleDateString(undefined, { month: "short", day: "numeric" });
+  return FORMAT.monthDay.format(new Date(ms));
 }
 
 function timeElement(ms) {
   const element = document.createElement("time");
   element.dateTime = new Date(ms).toISOString();
-  element.title = new Date(ms).toLocaleString(undefined, { dateStyle: "full", timeStyle: "medium" });
+  element.title = FORMAT.full.format(new Date(ms));
   element.dataset.ms = String(ms);
   element.textContent = relativeTime(ms);
   return element;
@@ -532,7 +542,7 @@ function messageItem(message, grouped, extraClasses, status) {
   const text = document.createElement("div");
   text.className = "text";
   text.textContent = message.text;
-  if (grouped) text.title = new Date(message.timestamp).toLocaleString();
+  if (grouped) text.title = FORMAT.full.format(new Date(message.timestamp));
   const line = document.createElement("div");
   line.className = "status";
   line.append(...status);
@@ -558,6 +568,17 @@ function linkButton(label, accessibleName, onClick, testid) {
   return button;
 }
 
+// Put ``items`` in ``list`` touching only what changed: elements already in place stay, so the
+// browser lays out only the new ones.
+function patchList(list, items) {
+  const wanted = new Set(items);
+  for (const child of [...list.children]) if (!wanted.has(child)) child.remove();
+  items.forEach((item, index) => {
+    const current = list.children[index];
+    if (current !== item) list.insertBefore(item, current || null);
+  });
+}
+
 function render({ stick = false, keepAnchor = false }) {
   const scroller = $("scroller");
   const wasAtBottom = atBottom();
@@ -581,10 +602,14 @@ function render({ stick = false, keepAnchor = false }) {
     }
     const day = dayLabel(message.timestamp);
     if (!previous || dayLabel(previous.timestamp) !== day) {
-      const separator = document.createElement("li");
-      separator.className = "day";
-      separator.setAttribute("role", "separator");
-      separator.textContent = day;
+      let separator = state.nodes.get(`day:${day}`)?.node;
+      if (!separator) {
+        separator = document.createElement("li");
+        separator.className = "day";
+        separator.setAttribute("role", "separator");
+        separator.textContent = day;
+        state.nodes.set(`day:${day}`, { node: separator });
+      }
       items.push(separator);
       previous = null;
     }
@@ -597,10 +622,17 @@ function render({ stick = false, keepAnchor = false }) {
       items.push(marker);
       previous = null;
     }
-    const grouped = previous && previous.userId === message.userId && message.timestamp - previous.timestamp < GROUP_GAP_MS;
+    const grouped = Boolean(previous && previous.userId === message.userId && message.timestamp - previous.timestamp < GROUP_GAP_MS);
     const notSaved = message.saved === false && mine(message);
     if (notSaved) unsaved += 1;
-    items.push(messageItem(message, grouped, notSaved ? ["unsaved"] : [], notSaved ? [badge("Not saved yet")] : []));
+    // A delivered message's element is reused while it looks the same: a long list redraws fast.
+    const look = `${grouped}|${notSaved}|${message.userName}|${message.timestamp}`;
+    let cached = state.nodes.get(message.messageId);
+    if (!cached || cached.look !== look) {
+      cached = { look, node: messageItem(message, grouped, notSaved ? ["unsaved"] : [], notSaved ? [badge("Not saved yet")] : []) };
+      state.nodes.set(message.messageId, cached);
+    }
+    items.push(cached.node);
     previous = message;
   }
   let failed = 0;
@@ -626,7 +658,7 @@ function render({ stick = false, keepAnchor = false }) {
     items.push(item);
     previous = message;
   }
-  $("messages").replaceChildren(...items);
+  patchList($("messages"), items);
   if (focused) {
     const again = items.find((item) => (item.dataset.clientMessageId || item.dataset.messageId) === focusKey);
     const target = again && again.querySelector(`[data-testid="${focused.dataset.testid}"]`);
