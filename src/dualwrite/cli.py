@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--fault",
         metavar="realtime=P,permanent=P",
-        help="development only: fail that share of backend calls on purpose",
+        help="development only: fail that share of sends at the realtime write, and that "
+        "share of permanent writes (first attempts and retries); each decided once",
     )
     serve.add_argument(
         "--dev-sign-in",

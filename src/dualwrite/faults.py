@@ -11,7 +11,14 @@ import random
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 
-from dualwrite.model import ChannelRef, HistoryPage, PermanentWrite, RealtimeMessage, StoredMessage
+from dualwrite.model import (
+    ChannelRef,
+    HistoryPage,
+    LiveEvent,
+    PermanentWrite,
+    RealtimeMessage,
+    StoredMessage,
+)
 from dualwrite.ports import PermanentStore, RealtimeTier, SendClaim, SendKey, TokenRequest
 
 
@@ -121,6 +128,15 @@ class FaultyRealtimeTier:
         # "the next write"), and a rate limit whose tier fails is skipped anyway.
         return await self.inner.take_tokens(requests)
 
+    async def publish(self, workspace_id: str, event: LiveEvent) -> None:
+        await self.faults.check("publish")
+        await self.inner.publish(workspace_id, event)
+
+    async def events(self, workspace_id: str) -> AsyncIterator[LiveEvent]:
+        await self.faults.check("events")
+        async for event in self.inner.events(workspace_id):
+            yield event
+
 
 class FaultyPermanentStore:
     """A `PermanentStore` that consults ``faults`` before every call to ``inner``.
@@ -162,3 +178,11 @@ class FaultyPermanentStore:
     async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:
         await self.faults.check("history")
         return await self.inner.history(channel, before, limit)
+
+    async def add_channel(self, channel: ChannelRef) -> None:
+        await self.faults.check("add_channel")
+        await self.inner.add_channel(channel)
+
+    async def channels(self, workspace_id: str) -> list[str]:
+        await self.faults.check("channels")
+        return await self.inner.channels(workspace_id)

@@ -51,3 +51,9 @@ class GroupCommitStore:
 
     async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:
         return await self.inner.history(channel, before, limit)
+
+    async def add_channel(self, channel: ChannelRef) -> None:
+        await self.inner.add_channel(channel)
+
+    async def channels(self, workspace_id: str) -> list[str]:
+        return await self.inner.channels(workspace_id)

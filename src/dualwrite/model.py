@@ -266,6 +266,28 @@ class ChannelMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class LiveEvent:
+    """A notice for the live sockets of a workspace, carried by the realtime tier so that every
+    process hears it: ``saved`` (the permanent write of ``message_id`` landed, late) or
+    ``channel`` (``channel_id`` was created)."""
+
+    kind: Literal["saved", "channel"]
+    channel_id: str
+    message_id: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"kind": self.kind, "channelId": self.channel_id, "messageId": self.message_id}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> LiveEvent:
+        kind = data["kind"]
+        if kind not in ("saved", "channel"):
+            raise ValueError(f"unknown live event kind {kind!r}")
+        message_id = data.get("messageId")
+        return cls(kind, str(data["channelId"]), None if message_id is None else str(message_id))
+
+
+@dataclass(frozen=True, slots=True)
 class ChannelHistory:
     """A merged history page, newest first; ``next_before`` continues it."""
 

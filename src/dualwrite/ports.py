@@ -11,7 +11,14 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from dualwrite.model import ChannelRef, HistoryPage, PermanentWrite, RealtimeMessage, StoredMessage
+from dualwrite.model import (
+    ChannelRef,
+    HistoryPage,
+    LiveEvent,
+    PermanentWrite,
+    RealtimeMessage,
+    StoredMessage,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +108,18 @@ class RealtimeTier(Protocol):
         """
         ...
 
+    async def publish(self, workspace_id: str, event: LiveEvent) -> None:
+        """Hand ``event`` to every `events` iterator of the workspace, in every process.
+
+        A notice, not a record: iterators opened later do not get it (readers that were away
+        learn the same from history and the channel list).
+        """
+        ...
+
+    def events(self, workspace_id: str) -> AsyncIterator[LiveEvent]:
+        """The events published to the workspace from now on, across processes."""
+        ...
+
 
 class PermanentStore(Protocol):
     """Permanent history, at `workspaces/{ws}/channels/{ch}/messages/{id}`."""
@@ -137,4 +156,12 @@ class PermanentStore(Protocol):
 
     async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:
         """Newest first, ordered by (`timestamp`, `messageId`), strictly before the cursor."""
+        ...
+
+    async def add_channel(self, channel: ChannelRef) -> None:
+        """Record that the channel exists, though it may hold no message yet (idempotent)."""
+        ...
+
+    async def channels(self, workspace_id: str) -> list[str]:
+        """The workspace's channel ids, sorted: those added and those holding a message."""
         ...

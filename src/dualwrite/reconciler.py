@@ -10,11 +10,12 @@ once: the worst case is a little repeated work, never a second row.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from dualwrite._calls import bounded
 from dualwrite.clock import Clock
-from dualwrite.model import PermanentWrite
+from dualwrite.model import ChannelRef, PermanentWrite
 from dualwrite.ports import PermanentStore, RealtimeTier
 from dualwrite.retry_queue import RetryQueue
 
@@ -41,6 +42,7 @@ class Reconciler:
         *,
         timeout_s: float,
         grace_ms: int,
+        on_saved: Callable[[ChannelRef, str], Awaitable[None]],
     ) -> None:
         self._realtime = realtime
         self._store = store
@@ -48,6 +50,7 @@ class Reconciler:
         self._clock = clock
         self._timeout_s = timeout_s
         self.grace_ms = grace_ms
+        self._on_saved = on_saved
 
     async def run_once(self) -> ReconcileReport:
         report = ReconcileReport()
@@ -72,6 +75,7 @@ class Reconciler:
                     )
                     continue
                 report.persisted += 1
+                await self._on_saved(channel, message.message_id)
                 log.warning(
                     "reconciled a delivered but unsaved message: message_id=%s "
                     "workspace_id=%s channel_id=%s",

@@ -7,6 +7,7 @@ may have been answered by another process. `inspect` shows each place a message 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from dualwrite.errors import MessageNotFound, NotQueued
@@ -36,12 +37,14 @@ class ManualRecovery:
         queue: RetryQueue,
         retrier: Retrier,
         sender: MessageSender,
+        on_saved: Callable[[ChannelRef, str], Awaitable[None]],
     ) -> None:
         self._realtime = realtime
         self._store = store
         self._queue = queue
         self._retrier = retrier
         self._sender = sender
+        self._on_saved = on_saved
 
     async def retry(self, message_id: str, channel: ChannelRef | None) -> SendStatus:
         """Save one message now: "saved", or "pending" if the store still fails (queued here).
@@ -54,18 +57,24 @@ class ManualRecovery:
         if queued is not None and channel in (None, queued.write.channel):
             return "saved" if await self._retrier.attempt(queued) else "pending"
         if channel is None:
-            if await self._store.find(message_id) is not None:
-                return "saved"
-            raise NotQueued(
-                f"message {message_id} is neither waiting in the retry queue nor saved; "
-                "give its workspace and channel to save it from its realtime entry"
-            )
+            found = await self._store.find(message_id)
+            if found is None:
+                raise NotQueued(
+                    f"message {message_id} is neither waiting in the retry queue nor saved; "
+                    "give its workspace and channel to save it from its realtime entry"
+                )
+            channel = found.channel
+        # Saved already (by another process, say): say so again, for sockets that missed it.
         if await self._store.get(channel, message_id) is not None:
+            await self._on_saved(channel, message_id)
             return "saved"
         live = await self._realtime.read(channel, message_id)
         if live is None:
             raise MessageNotFound(f"message {message_id} is in neither tier")
-        return await self._sender.save_or_queue(PermanentWrite.from_realtime(channel, live))
+        status = await self._sender.save_or_queue(PermanentWrite.from_realtime(channel, live))
+        if status == "saved":
+            await self._on_saved(channel, message_id)
+        return status
 
     async def inspect(self, message_id: str, channel: ChannelRef | None) -> Inspection:
         """Without ``channel``, the message's channel is found from the retry queue, else by

@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from dualwrite import metrics
 from dualwrite._calls import bounded
 from dualwrite.clock import Clock
 from dualwrite.logs import OutageLog
+from dualwrite.model import ChannelRef
 from dualwrite.ports import PermanentStore
 from dualwrite.retry_queue import QueuedWrite, RetryQueue
 
@@ -49,6 +51,7 @@ class Retrier:
         timeout_s: float,
         backoff: Backoff,
         remind_every_s: float,
+        on_saved: Callable[[ChannelRef, str], Awaitable[None]],
         batch_size: int = 100,
         rng: random.Random | None = None,
     ) -> None:
@@ -57,6 +60,7 @@ class Retrier:
         self._clock = clock
         self._timeout_s = timeout_s
         self._backoff = backoff
+        self._on_saved = on_saved
         self._batch_size = batch_size
         self._rng = rng or random.Random()
         # While the store is down every attempt fails: one line, then reminders.
@@ -83,6 +87,7 @@ class Retrier:
         metrics.RETRIES.labels("saved").inc()
         self._outage.succeeded()
         log.info("retry saved: message_id=%s attempts=%d", entry.message_id, entry.attempts + 1)
+        await self._on_saved(entry.write.channel, entry.message_id)
         return True
 
     async def retry_all(self) -> RetryReport:

@@ -26,6 +26,12 @@ from dualwrite.settings import Settings
 
 log = logging.getLogger(__name__)
 
+REALTIME_FAULTED = ("write",)
+"""The realtime call `--fault realtime=P` fails: a send's delivery, once per send."""
+PERMANENT_FAULTED = ("save", "save_many")
+"""The permanent calls `--fault permanent=P` fail: one per send or retry (group commit is
+inside the fault wrapper, so a batch of sends still decides once each)."""
+
 
 async def _every(interval_s: float, job: Callable[[], Awaitable[None]], outages: OutageLog) -> None:
     """Run ``job`` every ``interval_s`` until cancelled; a failed round is logged, not fatal
@@ -98,12 +104,19 @@ async def open_dualwrite(
             max_in_flight=settings.group_max_in_flight,
             max_wait_s=settings.group_max_wait_ms / 1000,
         )
+    # `--fault` decides once per send: only the write a send makes to each tier is faulted,
+    # not its idempotency claim, reads, history or live subscriptions, so realtime=0.5 fails
+    # half the sends (not three in four) and permanent=1.0 still lets the page read.
     if settings.fault_realtime:
         log.warning("injecting realtime faults: probability=%s", settings.fault_realtime)
-        realtime = FaultyRealtimeTier(realtime, Faults(probability=settings.fault_realtime))
+        realtime = FaultyRealtimeTier(
+            realtime, Faults(probability=settings.fault_realtime, operations=REALTIME_FAULTED)
+        )
     if settings.fault_permanent:
         log.warning("injecting permanent-store faults: probability=%s", settings.fault_permanent)
-        store = FaultyPermanentStore(store, Faults(probability=settings.fault_permanent))
+        store = FaultyPermanentStore(
+            store, Faults(probability=settings.fault_permanent, operations=PERMANENT_FAULTED)
+        )
     queue = RetryQueue(settings.queue_path)
     async with contextlib.AsyncExitStack() as stack:
         # Each close is registered before its connect: a connect that fails halfway (a pool

@@ -7,6 +7,7 @@ the background). Get one from `dualwrite.open_dualwrite`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 
 from dualwrite import history
@@ -17,6 +18,7 @@ from dualwrite.logs import one_line
 from dualwrite.model import (
     ChannelHistory,
     ChannelRef,
+    LiveEvent,
     RealtimeMessage,
     SendResult,
     SendStatus,
@@ -30,6 +32,10 @@ from dualwrite.retry_queue import QueuedWrite, RetryQueue
 from dualwrite.send import MessageSender, SendLimits
 from dualwrite.settings import Settings
 from dualwrite.validation import check_channel, check_id
+
+log = logging.getLogger(__name__)
+
+_NOTICE_PAUSE_MS = 30_000
 
 
 class DualWrite:
@@ -48,6 +54,7 @@ class DualWrite:
         self._store = store
         self._queue = queue
         self._clock = clock
+        self._notices_paused_until = 0
         self.sender = MessageSender(
             realtime,
             store,
@@ -62,6 +69,7 @@ class DualWrite:
             timeout_s=settings.permanent_timeout_s,
             backoff=Backoff(settings.retry_base_s, settings.retry_cap_s),
             remind_every_s=settings.outage_reminder_s,
+            on_saved=self._announce_saved,
         )
         self.reconciler = Reconciler(
             realtime,
@@ -70,8 +78,33 @@ class DualWrite:
             clock,
             timeout_s=settings.permanent_timeout_s,
             grace_ms=int(settings.reconcile_grace_s * 1000),
+            on_saved=self._announce_saved,
         )
-        self._recovery = ManualRecovery(realtime, store, queue, self.retrier, self.sender)
+        self._recovery = ManualRecovery(
+            realtime, store, queue, self.retrier, self.sender, self._announce_saved
+        )
+
+    async def _announce_saved(self, channel: ChannelRef, message_id: str) -> None:
+        """Tell every process's live sockets that a late permanent write landed.
+
+        Best effort: the write is saved whatever happens here, and a reader that misses the
+        notice sees "saved" in history. After a failed notice the next ones are skipped for a
+        while, so that a hung realtime tier costs the retrier one timeout, not one per write.
+        """
+        now = self._clock.now_ms()
+        if now < self._notices_paused_until:
+            return
+        try:
+            await bounded(
+                self._realtime.publish(
+                    channel.workspace_id, LiveEvent("saved", channel.channel_id, message_id)
+                ),
+                self.settings.realtime_timeout_s,
+                "realtime tier",
+            )
+        except Exception as error:
+            self._notices_paused_until = now + _NOTICE_PAUSE_MS
+            log.warning("saved notice not published: message_id=%s error=%r", message_id, error)
 
     async def send_message(
         self,
@@ -159,6 +192,46 @@ class DualWrite:
         """Unexpired realtime entries after ``after_id`` (all if None), in id order."""
         channel = check_channel(workspace_id, channel_id)
         return await self._realtime.read_since(channel, after_id, limit)
+
+    def events(self, workspace_id: str) -> AsyncIterator[LiveEvent]:
+        """Live notices of a workspace ("saved", "channel"), from every process."""
+        return self._realtime.events(check_id("workspaceId", workspace_id))
+
+    async def channels(self, workspace_id: str) -> list[str]:
+        """The workspace's channels: those created and those holding a saved message.
+
+        Raises `BackendError` if the store does not answer (within its timeout).
+        """
+        check_id("workspaceId", workspace_id)
+        try:
+            return await bounded(
+                self._store.channels(workspace_id), self.settings.permanent_timeout_s, "channels"
+            )
+        except BackendError:
+            raise
+        except Exception as error:
+            raise BackendError(f"the channel list is unavailable: {error!r}") from error
+
+    async def create_channel(self, workspace_id: str, channel_id: str) -> None:
+        """Record a channel in the permanent store and announce it to every process's sockets.
+
+        Raises `BackendError` if the store does not take it; the announcement is best effort.
+        """
+        channel = check_channel(workspace_id, channel_id)
+        try:
+            await bounded(
+                self._store.add_channel(channel), self.settings.permanent_timeout_s, "channels"
+            )
+        except Exception as error:
+            raise BackendError(f"the channel was not created: {error!r}") from error
+        try:
+            await bounded(
+                self._realtime.publish(workspace_id, LiveEvent("channel", channel_id)),
+                self.settings.realtime_timeout_s,
+                "realtime tier",
+            )
+        except Exception as error:
+            log.warning("channel notice not published: channel=%s error=%r", channel, error)
 
     async def inspect(
         self, message_id: str, workspace_id: str | None = None, channel_id: str | None = None

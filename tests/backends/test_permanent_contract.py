@@ -141,3 +141,21 @@ async def test_save_many_writes_each_once_keeping_existing_records(
     page = await store.history(channel, None, 100)
     assert [m.text for m in page.messages] == ["b4", "b3", "b2", "b1", "b0", "old"]
     assert [m.timestamp for m in page.messages][-1] == existing.sent_at
+
+
+async def test_channels_lists_those_added_and_those_holding_messages(
+    store: PermanentStore, store_kind: str, channel: ChannelRef
+) -> None:
+    needs_store(store_kind, "list_documents")
+    workspace = channel.workspace_id
+    assert await store.channels(workspace) == []
+    await store.save(make_write(ChannelRef(workspace, "b-talk"), PushIdGenerator().new_id(), 1))
+    await store.save(make_write(ChannelRef(workspace, "b-talk"), PushIdGenerator().new_id(), 2))
+    await store.add_channel(ChannelRef(workspace, "a-new"))
+    await store.add_channel(ChannelRef(workspace, "a-new"))  # idempotent
+    await store.add_channel(ChannelRef(workspace, "b-talk"))  # added and holding messages
+    await store.save(make_write(ChannelRef(workspace, "z-x"), PushIdGenerator().new_id(), 3))
+    await store.add_channel(ChannelRef(unique("other"), "elsewhere"))
+    assert await store.channels(workspace) == ["a-new", "b-talk", "z-x"]
+    # An added channel holds no message.
+    assert (await store.history(ChannelRef(workspace, "a-new"), None, 10)).messages == []

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncGenerator
+from typing import cast
 
 import pytest
 
 from dualwrite.clock import ManualClock
 from dualwrite.ids import PushIdGenerator
-from dualwrite.model import REALTIME_TTL_MS, ChannelRef, RealtimeMessage
+from dualwrite.model import REALTIME_TTL_MS, ChannelRef, LiveEvent, RealtimeMessage
 from dualwrite.ports import RealtimeTier, SendClaim, SendKey, TokenRequest
 from tests.conftest import needs, unique
 
@@ -233,3 +236,29 @@ async def test_take_tokens_refills_with_time(
     assert await realtime.take_tokens(take(key, 1, 1.0, 1)) == pytest.approx(1.0, abs=0.01)
     clock.advance(1000)
     assert await realtime.take_tokens(take(key, 1, 1.0, 1)) == 0.0
+
+
+async def test_published_events_reach_every_listener_of_the_workspace_only(
+    realtime: RealtimeTier, realtime_kind: str, channel: ChannelRef
+) -> None:
+    needs(realtime_kind, "listen")
+    workspace = channel.workspace_id
+    first, second = realtime.events(workspace), realtime.events(workspace)
+    other = realtime.events(unique("other"))
+    got_first = asyncio.ensure_future(anext(first))
+    got_second = asyncio.ensure_future(anext(second))
+    got_other = asyncio.ensure_future(anext(other))
+    await asyncio.sleep(0.3)  # the listeners are open before anything is published
+    saved = LiveEvent("saved", channel.channel_id, "-Nabc")
+    await realtime.publish(workspace, saved)
+    assert await asyncio.wait_for(got_first, 10) == saved
+    assert await asyncio.wait_for(got_second, 10) == saved
+    created = LiveEvent("channel", "brand-new")
+    await realtime.publish(workspace, created)
+    assert await asyncio.wait_for(anext(first), 10) == created
+    assert not got_other.done()
+    got_other.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await got_other
+    for iterator in (first, second, other):
+        await cast(AsyncGenerator[LiveEvent, None], iterator).aclose()

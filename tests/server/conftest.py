@@ -3,6 +3,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -59,13 +60,22 @@ def firebase_auth_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
     yield from _api(tmp_path, config)
 
 
-def _api(tmp_path: Path, config: ServerSettings) -> Iterator[Api]:
+def _api(
+    tmp_path: Path,
+    config: ServerSettings,
+    *,
+    background: bool = False,
+    port: int = 0,
+    **overrides: Any,
+) -> Iterator[Api]:
+    """A server in this process on fault-injecting backends; ``overrides`` go to `Settings`."""
     realtime_faults, store_faults = Faults(), Faults()
     settings = Settings(
         store_url=f"sqlite:///{tmp_path}/messages.db",
         queue_path=str(tmp_path / "queue.db"),
         realtime_timeout_s=0.5,
         permanent_timeout_s=0.5,
+        **overrides,
     )
 
     def open_runtime():  # type: ignore[no-untyped-def]
@@ -73,10 +83,10 @@ def _api(tmp_path: Path, config: ServerSettings) -> Iterator[Api]:
             settings,
             realtime=FaultyRealtimeTier(create_realtime_tier("memory://"), realtime_faults),
             store=FaultyPermanentStore(create_permanent_store(settings.store_url), store_faults),
-            background=False,
+            background=background,
         )
 
     app = create_app(settings, config, open_runtime=open_runtime)
-    with serving(app) as base, httpx.Client(base_url=base, timeout=10) as client:
+    with serving(app, port) as base, httpx.Client(base_url=base, timeout=10) as client:
         ws_base = base.replace("http://", "ws://")
         yield Api(client, ws_base, realtime_faults, store_faults, TokenSigner(SECRET, config))

@@ -43,10 +43,11 @@ def serve_process(
 
 
 @contextlib.contextmanager
-def serving(app: Any) -> Iterator[str]:
-    """Run ``app`` under a real uvicorn server on a free port, in a thread; yield its URL."""
+def serving(app: Any, port: int = 0) -> Iterator[str]:
+    """Run ``app`` under a real uvicorn server (on ``port``, or a free one), in a thread;
+    yield its URL."""
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

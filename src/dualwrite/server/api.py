@@ -9,6 +9,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -25,7 +26,7 @@ from dualwrite.history import DEFAULT_PAGE_SIZE
 from dualwrite.model import ChannelMessage, ChannelRef, User, history_cursor
 from dualwrite.server.auth import Identity, Unauthorized, bearer_token
 from dualwrite.server.ratelimit import Charge, Limit, retry_after_header
-from dualwrite.server.state import server_state
+from dualwrite.server.state import ServerState, server_state
 from dualwrite.validation import check_channel, check_id
 
 log = logging.getLogger(__name__)
@@ -143,9 +144,23 @@ async def send(request: Request, identity: Identity) -> Response:
         "status": result.status,
         "timestamp": result.timestamp,
     }
+    # A channel first used by a message joins the list too; after the answer, so that a slow
+    # store never delays it.
+    announce = None
+    if state.first_sight(channel.workspace_id, channel.channel_id):
+        announce = BackgroundTask(_record_channel, state, channel)
     if result.warning:
-        return JSONResponse({**payload, "warning": result.warning}, 202)
-    return JSONResponse(payload, 201)
+        return JSONResponse({**payload, "warning": result.warning}, 202, background=announce)
+    return JSONResponse(payload, 201, background=announce)
+
+
+async def _record_channel(state: ServerState, channel: ChannelRef) -> None:
+    try:
+        await state.dw.create_channel(channel.workspace_id, channel.channel_id)
+    except BackendError as error:
+        # Harmless, hence not a warning per send: the channel list also holds every channel
+        # with a saved message, and the message is saved once the store is back.
+        log.info("channel not recorded: channel=%s error=%s", channel, error)
 
 
 async def history(request: Request, identity: Identity) -> Response:
@@ -233,6 +248,37 @@ async def renew(request: Request, identity: Identity) -> Response:
         Identity(identity.user, identity.workspace_id)
     )
     return JSONResponse({"token": token, "expiresAt": expires_at_ms})
+
+
+def workspace_of(request: Request, identity: Identity) -> str:
+    """The workspace in the path, if it is the caller's (else 403)."""
+    workspace_id = check_id("workspaceId", request.path_params["ws"])
+    if workspace_id != identity.workspace_id:
+        raise ApiError(403, {"error": "forbidden: not your workspace"})
+    return workspace_id
+
+
+async def channels(request: Request, identity: Identity) -> Response:
+    """`GET /api/workspaces/{ws}/channels`: those created and those holding messages."""
+    workspace_id = workspace_of(request, identity)
+    found = await server_state(request).dw.channels(workspace_id)
+    return JSONResponse({"channels": found})
+
+
+async def create_channel(request: Request, identity: Identity) -> Response:
+    """`POST /api/workspaces/{ws}/channels` `{channelId}`: 201, announced to every socket of
+    the workspace; creating one that exists is a success too."""
+    workspace_id = workspace_of(request, identity)
+    state = server_state(request)
+    # Channels come out of the sender's allowance too: nobody floods the list.
+    await rate_limit(request, (Limit.SEND, user_key(identity), 1))
+    body = await json_body(request, state.settings.max_body_bytes)
+    channel_id = body.get("channelId")
+    if not isinstance(channel_id, str):
+        raise InvalidInput("channelId", "must be a string")
+    channel = check_channel(workspace_id, channel_id)
+    await state.dw.create_channel(channel.workspace_id, channel.channel_id)
+    return JSONResponse({"workspaceId": workspace_id, "channelId": channel_id}, 201)
 
 
 async def dev_token(request: Request) -> Response:

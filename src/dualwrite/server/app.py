@@ -86,7 +86,8 @@ def create_app(
             state.started(runtime)
             yield
 
-    messages = "/api/workspaces/{ws}/channels/{ch}/messages"
+    channels = "/api/workspaces/{ws}/channels"
+    messages = channels + "/{ch}/messages"
     routes = [
         Route("/", page),
         Route("/healthz", health),
@@ -96,6 +97,8 @@ def create_app(
         Route(messages + "/{id}/persist", api.api_endpoint(api.retry), methods=["POST"]),
         Route("/api/queue", api.api_endpoint(api.queue), methods=["GET"]),
         Route("/api/auth/renew", api.api_endpoint(api.renew), methods=["POST"]),
+        Route(channels, api.api_endpoint(api.channels), methods=["GET"]),
+        Route(channels, api.api_endpoint(api.create_channel), methods=["POST"]),
         WebSocketRoute("/ws/workspaces/{ws}/channels/{ch}", sockets.live),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]

@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from dualwrite.logs import OutageLog
-from dualwrite.model import ChannelRef, RealtimeMessage
+from dualwrite.model import ChannelRef, LiveEvent, RealtimeMessage
+from dualwrite.server.notices import NoticeRelay, encode_notice
 from dualwrite.service import DualWrite
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,18 @@ class LiveHub:
         self._outage = OutageLog(
             log, "live subscription (resubscribing every second)", dw.settings.outage_reminder_s
         )
+        self._notices = NoticeRelay(dw, self._offer_notice)
+
+    def _offer_notice(self, workspace_id: str, event: LiveEvent) -> None:
+        """A "saved" notice to the sockets of its channel, a "channel" one to the workspace's."""
+        frame = encode_notice(workspace_id, event)
+        for channel, entry in list(self._channels.items()):
+            if channel.workspace_id != workspace_id:
+                continue
+            if event.kind == "saved" and channel.channel_id != event.channel_id:
+                continue
+            for listener in list(entry.listeners):
+                listener.offer("", frame)  # "": no message id, never taken for a replayed one
 
     @contextlib.asynccontextmanager
     async def listen(
@@ -83,7 +96,8 @@ class LiveHub:
         if entry.task is None:
             entry.task = asyncio.create_task(self._pump(channel, entry))
         try:
-            yield self._frames(channel, listener, after_id)
+            async with self._notices.watching(channel.workspace_id):
+                yield self._frames(channel, listener, after_id)
         finally:
             entry.listeners.discard(listener)
             if not entry.listeners and entry.task is not None:

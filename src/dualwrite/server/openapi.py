@@ -159,6 +159,52 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        "/api/workspaces/{ws}/channels": {
+            "parameters": _params("ws"),
+            "get": {
+                "summary": "The workspace's channels: those created and those holding messages",
+                "responses": {
+                    "200": {
+                        "description": "channel ids, sorted",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {
+                                        "channels": {"type": "array", "items": {"type": "string"}}
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "503": _error("the store did not answer; try again"),
+                    **_COMMON,
+                },
+            },
+            "post": {
+                "summary": "Create a channel (announced live to the workspace's sockets)",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {"channelId": {"type": "string", "minLength": 1}},
+                                "required": ["channelId"],
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "201": {"description": "created (or existed already)"},
+                    "400": _error("the body is not a JSON object"),
+                    "429": _error("the user creates too fast; see Retry-After"),
+                    "413": _error("body too long"),
+                    "503": _error("the store did not answer; try again"),
+                    **_COMMON,
+                },
+            },
+        },
         "/api/queue": {
             "get": {
                 "summary": "The caller's messages waiting to be saved (on this server)",

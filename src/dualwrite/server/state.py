@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from starlette.requests import HTTPConnection
@@ -54,6 +54,20 @@ class ServerState:
     sockets: SocketCounts = field(default_factory=SocketCounts)
     _dw: DualWrite | None = field(default=None, init=False)
     _hub: LiveHub | None = field(default=None, init=False)
+    _known_channels: OrderedDict[tuple[str, str], None] = field(
+        default_factory=OrderedDict, init=False
+    )
+
+    def first_sight(self, workspace_id: str, channel_id: str) -> bool:
+        """True the first time this process sees a channel (within its last 10,000)."""
+        key = (workspace_id, channel_id)
+        if key in self._known_channels:
+            self._known_channels.move_to_end(key)
+            return False
+        self._known_channels[key] = None
+        if len(self._known_channels) > 10_000:
+            self._known_channels.popitem(last=False)
+        return True
 
     def started(self, dw: DualWrite) -> None:
         self._dw = dw

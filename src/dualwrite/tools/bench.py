@@ -310,7 +310,10 @@ async def run_http(
             async with session.ws_connect(path) as socket:
                 ready.set()
                 async for frame in socket:
-                    index = index_of(json.loads(frame.data)["text"])
+                    data = json.loads(frame.data)
+                    if data.get("type") != "message":
+                        continue  # notices (saved, channels) are not deliveries
+                    index = index_of(data["text"])
                     if index is not None:
                         arrivals.append((index, time.perf_counter()))
 

@@ -6,7 +6,10 @@ two times as Firestore timestamps. A write is a `create()` by explicit id (never
 second write of the same id fails with AlreadyExists and leaves the first, which is the
 idempotence we want.
 History pages order by (timestamp desc, messageId desc), which needs the composite index in
-firestore.indexes.json. Credentials: Google's defaults (`GOOGLE_APPLICATION_CREDENTIALS`);
+firestore.indexes.json. A channel added before it holds a message is the document
+`workspaces/{ws}/channels/{ch}`; the channel list is that collection's documents, listed with
+the missing ones (a channel holding messages has the subcollection without the document).
+Credentials: Google's defaults (`GOOGLE_APPLICATION_CREDENTIALS`);
 `FIRESTORE_EMULATOR_HOST` points the client at an emulator.
 """
 
@@ -138,6 +141,29 @@ class FirestorePermanentStore:
             query = ordered.start_after(snapshots[-1])
         found.sort(key=lambda m: (m.timestamp, m.message_id), reverse=True)
         return HistoryPage.from_candidates(found[: limit + 1], limit)
+
+    async def add_channel(self, channel: ChannelRef) -> None:
+        if self._client is None:
+            raise RuntimeError("FirestorePermanentStore is not connected")
+        document = self._client.document(
+            f"workspaces/{channel.workspace_id}/channels/{channel.channel_id}"
+        )
+        with contextlib.suppress(AlreadyExists):
+            await document.create(
+                {
+                    "workspaceId": channel.workspace_id,
+                    "channelId": channel.channel_id,
+                    "createdAt": firestore.SERVER_TIMESTAMP,
+                },
+                timeout=self._timeout_s,
+            )
+
+    async def channels(self, workspace_id: str) -> list[str]:
+        if self._client is None:
+            raise RuntimeError("FirestorePermanentStore is not connected")
+        collection = self._client.collection(f"workspaces/{workspace_id}/channels")
+        # list_documents shows missing documents too: a channel that holds only messages.
+        return sorted([ref.id async for ref in collection.list_documents(timeout=self._timeout_s)])
 
 
 def _document(write: PermanentWrite) -> dict[str, Any]:

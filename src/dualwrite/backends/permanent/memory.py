@@ -20,6 +20,7 @@ class MemoryPermanentStore:
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
         self._channels: dict[ChannelRef, dict[str, StoredMessage]] = {}
+        self._added: set[ChannelRef] = set()
 
     async def connect(self) -> None:
         pass
@@ -65,6 +66,13 @@ class MemoryPermanentStore:
             bound = parse_history_cursor(before)
             ordered = [m for m in ordered if (m.timestamp, m.message_id) < bound]
         return HistoryPage.from_candidates(ordered[: limit + 1], limit)
+
+    async def add_channel(self, channel: ChannelRef) -> None:
+        self._added.add(channel)
+
+    async def channels(self, workspace_id: str) -> list[str]:
+        held = {c for c, records in self._channels.items() if records}
+        return sorted(c.channel_id for c in held | self._added if c.workspace_id == workspace_id)
 
 
 def create(url: str, context: BackendContext) -> PermanentStore:

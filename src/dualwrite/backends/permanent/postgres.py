@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -66,8 +66,32 @@ _MIGRATIONS = [
         ALTER COLUMN channel_id TYPE text COLLATE "C",
         ALTER COLUMN message_id TYPE text COLLATE "C";
     """,
+    # Version 3: channels created before they hold a message (the page's channel list).
+    """
+    CREATE TABLE IF NOT EXISTS {schema}.channels (
+        workspace_id text COLLATE "C" NOT NULL,
+        channel_id   text COLLATE "C" NOT NULL,
+        created_at   timestamptz NOT NULL,
+        PRIMARY KEY (workspace_id, channel_id)
+    );
+    """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
+
+# The channels holding messages, one index seek per channel (a loose index scan) rather than a
+# scan of every message of the workspace; then those added without a message yet.
+_CHANNELS = """
+WITH RECURSIVE held(ch) AS (
+    SELECT min(channel_id) FROM {schema}.messages WHERE workspace_id = %(ws)s
+    UNION ALL
+    SELECT (SELECT min(channel_id) FROM {schema}.messages
+            WHERE workspace_id = %(ws)s AND channel_id > held.ch)
+    FROM held WHERE held.ch IS NOT NULL
+)
+SELECT ch FROM held WHERE ch IS NOT NULL
+UNION
+SELECT channel_id FROM {schema}.channels WHERE workspace_id = %(ws)s
+"""
 
 _MS = "(extract(epoch FROM {col}) * 1000)::bigint"
 _SELECT = (
@@ -360,13 +384,25 @@ class PostgresPermanentStore:
         order = 'ORDER BY "timestamp" DESC, message_id COLLATE "C" DESC LIMIT %s'
         return self._q(_SELECT + where + order), [*params, limit + 1]
 
+    async def add_channel(self, channel: ChannelRef) -> None:
+        await self._ensure_schema()
+        query = self._q(
+            "INSERT INTO {schema}.channels VALUES (%s, %s, now()) ON CONFLICT DO NOTHING"
+        )
+        await self._run(_fetch(query, (channel.workspace_id, channel.channel_id), rows=False))
+
+    async def channels(self, workspace_id: str) -> list[str]:
+        await self._ensure_schema()
+        rows = await self._run(_fetch(self._q(_CHANNELS), {"ws": workspace_id}))
+        return sorted(str(row[0]) for row in rows)
+
 
 def _fetch(
-    query: sql.Composed, params: Sequence[object]
+    query: sql.Composed, params: Sequence[object] | Mapping[str, object], *, rows: bool = True
 ) -> Callable[[Connection], Awaitable[list[tuple[Any, ...]]]]:
     async def fetch(conn: Connection) -> list[tuple[Any, ...]]:
         cur = await conn.execute(query, params)
-        return await cur.fetchall()
+        return await cur.fetchall() if rows else []
 
     return fetch
 

@@ -38,6 +38,12 @@ CREATE TABLE IF NOT EXISTS messages (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS messages_history
     ON messages (workspace_id, channel_id, timestamp, message_id);
+CREATE TABLE IF NOT EXISTS channels (
+    workspace_id TEXT NOT NULL,
+    channel_id   TEXT NOT NULL,
+    created_at   INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, channel_id)
+) WITHOUT ROWID;
 """
 
 _COLUMNS = "workspace_id, channel_id, message_id, user_id, user_name, text, timestamp, created_at"
@@ -83,6 +89,40 @@ class SqlitePermanentStore:
     async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:
         bound = parse_history_cursor(before) if before is not None else None
         return await self._db.call(_history, channel, bound, limit)
+
+    async def add_channel(self, channel: ChannelRef) -> None:
+        await self._db.call(_add_channel, channel)
+
+    async def channels(self, workspace_id: str) -> list[str]:
+        return await self._db.call(_channels, workspace_id)
+
+
+# The channels holding messages, one index seek per channel (a loose index scan) rather than a
+# scan of every message of the workspace; then those added without a message yet.
+CHANNELS_QUERY = """
+WITH RECURSIVE held(ch) AS (
+    SELECT MIN(channel_id) FROM {messages} WHERE workspace_id = {p}
+    UNION ALL
+    SELECT (SELECT MIN(channel_id) FROM {messages} WHERE workspace_id = {p} AND channel_id > ch)
+    FROM held WHERE ch IS NOT NULL
+)
+SELECT ch FROM held WHERE ch IS NOT NULL
+UNION
+SELECT channel_id FROM {channels} WHERE workspace_id = {p}
+ORDER BY 1
+"""
+
+
+def _add_channel(db: sqlite3.Connection, channel: ChannelRef) -> None:
+    db.execute(
+        f"INSERT INTO channels VALUES (?, ?, {_NOW_MS}) ON CONFLICT DO NOTHING",
+        (channel.workspace_id, channel.channel_id),
+    )
+
+
+def _channels(db: sqlite3.Connection, workspace_id: str) -> list[str]:
+    query = CHANNELS_QUERY.format(messages="messages", channels="channels", p="?")
+    return [row[0] for row in db.execute(query, (workspace_id,) * 3)]
 
 
 _INSERT = (

@@ -8,6 +8,7 @@ firebase-admin blocks, so calls run in worker threads; live updates come from
 handed to the event loop. Writes use `child(id).set()`, never `push()`: push is a POST the HTTP
 client may retry, creating duplicates. Firebase has no expiry: `sweep_expired` deletes children
 whose `ttl` passed (it needs `".indexOn": ["ttl"]`, see database.rules.json).
+Live events ("saved", "channel") are children of `events/{ws}`, kept a few minutes.
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ from dualwrite.backends import BackendContext, _firebase_app
 from dualwrite.backends._recent import RecentIds
 from dualwrite.clock import Clock
 from dualwrite.errors import UnknownBackend
-from dualwrite.model import ChannelRef, RealtimeMessage
+from dualwrite.ids import PushIdGenerator
+from dualwrite.model import ChannelRef, LiveEvent, RealtimeMessage
 from dualwrite.ports import RealtimeTier, SendClaim, SendKey, TokenRequest
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 _LIVENESS_CHECK_S = 5.0
+_EVENT_TTL_MS = 300_000
 
 _LOOPBACK = ("127.0.0.1", "localhost", "[::1]", "::1")
 
@@ -57,6 +60,7 @@ class FirebaseRealtimeTier:
         self._clock = clock
         self._timeout_s = timeout_s
         self._app: firebase_admin.App | None = None
+        self._event_ids = PushIdGenerator(clock.now_ms)
 
     async def connect(self) -> None:
         self._app = _firebase_app.initialize(
@@ -173,6 +177,8 @@ class FirebaseRealtimeTier:
         deleted = 0
         for ref in await self.channels():
             deleted += await self._delete_expired(self._ref(ref.realtime_path), now_ms)
+        for workspace in await self._run(self._ref("events").get, False, True) or {}:
+            await self._delete_expired(self._ref(f"events/{workspace}"), now_ms)
         # Idempotency keys expire like messages: sends/{ws}/{user}/{clientMessageId}.
         for workspace in await self._run(self._ref("sends").get, False, True) or {}:
             for user in await self._run(self._ref(f"sends/{workspace}").get, False, True) or {}:
@@ -242,6 +248,45 @@ class FirebaseRealtimeTier:
 
         await self._run(ref.transaction, take)
         return waits[-1]  # the attempt that was committed is the last one run
+
+    async def publish(self, workspace_id: str, event: LiveEvent) -> None:
+        record = {**event.to_wire(), "ttl": self._clock.now_ms() + _EVENT_TTL_MS}
+        ref = self._ref(f"events/{workspace_id}").child(self._event_ids.new_id())
+        await self._run(ref.set, record)
+
+    async def events(self, workspace_id: str) -> AsyncIterator[LiveEvent]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[db.Event] = asyncio.Queue()
+
+        def deliver(event: db.Event) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        ref = self._ref(f"events/{workspace_id}")
+        registration = await self._run(ref.listen, deliver)
+        seen = RecentIds()
+        first_snapshot = True
+        try:
+            while True:
+                try:
+                    change = await asyncio.wait_for(queue.get(), _LIVENESS_CHECK_S)
+                except TimeoutError:
+                    if not _listening(registration):  # as in `subscribe`
+                        _stop(registration)
+                        registration = await self._run(ref.listen, deliver)
+                    continue
+                path = change.path.strip("/")
+                data = change.data if isinstance(change.data, dict) else {}
+                children = {path: data} if path else data
+                for event_id, record in sorted(children.items()):
+                    # The stream opens with what is there already: old news.
+                    if not isinstance(record, dict) or not seen.first_time(event_id):
+                        continue
+                    if not first_snapshot or path:
+                        yield LiveEvent.from_wire(record)
+                if not path:
+                    first_snapshot = False
+        finally:
+            await asyncio.to_thread(_stop, registration)
 
 
 def _escape_key(key: str) -> str:

@@ -16,7 +16,7 @@ from dualwrite.backends._buckets import TokenBuckets
 from dualwrite.backends._recent import RecentIds
 from dualwrite.clock import Clock
 from dualwrite.errors import BackendError
-from dualwrite.model import ChannelRef, RealtimeMessage
+from dualwrite.model import ChannelRef, LiveEvent, RealtimeMessage
 from dualwrite.ports import RealtimeTier, SendClaim, SendKey, TokenRequest
 
 
@@ -30,6 +30,7 @@ class MemoryRealtimeTier:
         self._subscribers: dict[ChannelRef, set[asyncio.Queue[RealtimeMessage]]] = {}
         self._claims: dict[SendKey, tuple[SendClaim, int]] = {}
         self._buckets = TokenBuckets(lambda: clock.now_ms() / 1000, max_keys=max_buckets)
+        self._listeners: dict[str, set[asyncio.Queue[LiveEvent]]] = {}
 
     async def connect(self) -> None:
         pass
@@ -131,6 +132,22 @@ class MemoryRealtimeTier:
 
     async def take_tokens(self, requests: Sequence[TokenRequest]) -> float:
         return self._buckets.take(requests)
+
+    async def publish(self, workspace_id: str, event: LiveEvent) -> None:
+        for queue in self._listeners.get(workspace_id, ()):
+            queue.put_nowait(event)
+
+    async def events(self, workspace_id: str) -> AsyncIterator[LiveEvent]:
+        queue: asyncio.Queue[LiveEvent] = asyncio.Queue()
+        listeners = self._listeners.setdefault(workspace_id, set())
+        listeners.add(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            listeners.discard(queue)
+            if not listeners:
+                self._listeners.pop(workspace_id, None)
 
 
 def _size(message: RealtimeMessage) -> int:

@@ -5,6 +5,8 @@ Per channel, under one hash tag so a cluster keeps them on one slot:
 - `{prefix}{ws/ch}:index`: a sorted set of the channel's ids, for reads in id order;
 - `{prefix}{ws/ch}:stream`: a stream of every write, trimmed to the last hour, which live
   subscribers read from their last position, so a reconnect misses nothing (pub/sub would).
+Per workspace, `{prefix}events:{ws}` is a short stream of live events ("saved", "channel"),
+read the same way, so a listener between two blocking reads misses none.
 A write touches all three in one Lua call, so a reader never sees half of it; concurrent writes
 travel together in one pipeline.
 """
@@ -27,7 +29,7 @@ from dualwrite.clock import Clock
 from dualwrite.errors import BackendUnavailable
 from dualwrite.ids import time_prefix
 from dualwrite.logs import one_line
-from dualwrite.model import REALTIME_TTL_MS, ChannelRef, RealtimeMessage
+from dualwrite.model import REALTIME_TTL_MS, ChannelRef, LiveEvent, RealtimeMessage
 from dualwrite.ports import RealtimeTier, SendClaim, SendKey, TokenRequest
 from dualwrite.redact import redact_url
 
@@ -71,6 +73,7 @@ return '0'
 """
 
 _BLOCK_MS = 1000
+_EVENTS_KEPT = 1000
 
 
 class RedisRealtimeTier:
@@ -268,6 +271,30 @@ class RedisRealtimeTier:
         keys = [f"{self._prefix}{{limits}}:{r.key}" for r in requests]
         args = [repr(float(v)) for r in requests for v in (r.cost, r.rate_per_s, r.burst)]
         return float(await self._take_script(keys=keys, args=args))
+
+    def _events_key(self, workspace_id: str) -> str:
+        return f"{self._prefix}events:{workspace_id}"
+
+    async def publish(self, workspace_id: str, event: LiveEvent) -> None:
+        data = json.dumps(event.to_wire(), ensure_ascii=False, separators=(",", ":"))
+        key = self._events_key(workspace_id)
+        async with self._r.pipeline(transaction=True) as pipe:
+            # Listeners read new entries within a second or so: a short tail is plenty.
+            pipe.xadd(key, {"data": data}, maxlen=_EVENTS_KEPT, approximate=True)
+            pipe.pexpire(key, REALTIME_TTL_MS)
+            await pipe.execute()
+
+    async def events(self, workspace_id: str) -> AsyncIterator[LiveEvent]:
+        key = self._events_key(workspace_id)
+        last = await self._r.xrevrange(key, "+", "-", count=1)
+        position = last[0][0] if last else "0-0"
+        while True:
+            listener: Any = self._listen_redis
+            batches = await listener.xread({key: position}, count=500, block=_BLOCK_MS)
+            for _, entries in batches or ():
+                for entry_id, fields in entries:
+                    position = entry_id
+                    yield LiveEvent.from_wire(json.loads(fields["data"]))
 
 
 def create(url: str, context: BackendContext) -> RealtimeTier:

@@ -1,0 +1,80 @@
+"""Live notices of a workspace ("saved", "channel") for its sockets, in every process.
+
+One `events` subscription of the realtime tier per workspace per process, open while any
+socket of the workspace is; each notice becomes one frame, handed to the sockets it concerns:
+- `{"type": "saved", "messageId", "workspaceId", "channelId"}` to the sockets of that channel,
+  when a queued permanent write lands (retrier, manual retry or reconciler, in any process);
+- `{"type": "channels", "workspaceId", "added": [channelId]}` to every socket of the workspace,
+  when a channel is created.
+Notices are best effort: a socket that was away learns the same from history and the list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dualwrite.model import LiveEvent
+from dualwrite.service import DualWrite
+
+log = logging.getLogger(__name__)
+
+
+def encode_notice(workspace_id: str, event: LiveEvent) -> str:
+    """The socket frame of a notice."""
+    frame: dict[str, Any]
+    if event.kind == "saved":
+        frame = {
+            "type": "saved",
+            "messageId": event.message_id,
+            "workspaceId": workspace_id,
+            "channelId": event.channel_id,
+        }
+    else:
+        frame = {"type": "channels", "workspaceId": workspace_id, "added": [event.channel_id]}
+    return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass(eq=False)
+class _Watch:
+    sockets: int = 0
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass(eq=False)
+class NoticeRelay:
+    """Subscribes to a workspace's notices while it is watched; hands each to ``deliver``."""
+
+    dw: DualWrite
+    deliver: Callable[[str, LiveEvent], None]
+    _watches: dict[str, _Watch] = field(default_factory=dict)
+
+    @contextlib.asynccontextmanager
+    async def watching(self, workspace_id: str) -> AsyncIterator[None]:
+        watch = self._watches.setdefault(workspace_id, _Watch())
+        watch.sockets += 1
+        if watch.task is None:
+            watch.task = asyncio.create_task(self._pump(workspace_id))
+        try:
+            yield
+        finally:
+            watch.sockets -= 1
+            if watch.sockets == 0 and watch.task is not None:
+                watch.task.cancel()
+                self._watches.pop(workspace_id, None)
+
+    async def _pump(self, workspace_id: str) -> None:
+        while True:
+            try:
+                async for event in self.dw.events(workspace_id):
+                    self.deliver(workspace_id, event)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("notice subscription failed, resubscribing: %s", workspace_id)
+                await asyncio.sleep(1)
