@@ -55,3 +55,65 @@ async def test_inspect_shows_each_place_side_by_side(harness: Harness) -> None:
     await harness.dw.retry(result.message_id)
     found = await harness.dw.inspect(result.message_id)  # found by scanning the channels
     assert found.channel == channel and found.permanent is not None and found.queued is None
+
+
+async def send_saved(harness: Harness, channel: ChannelRef, count: int) -> None:
+    for i in range(count):
+        result = await harness.dw.send_message(
+            channel.workspace_id, channel.channel_id, f"s{i}", User("u1", "Ada")
+        )
+        assert result.status == "saved"
+
+
+async def test_a_round_costs_what_is_unsaved_not_what_the_tier_holds(harness: Harness) -> None:
+    channel = ChannelRef(unique("ws"), unique("ch"))
+    await send_saved(harness, channel, 200)
+    orphan = await delivered_only(harness, channel, "orphan")
+    harness.clock.advance(60_000)
+    harness.store_faults.calls.clear()
+    report = await harness.dw.reconcile()
+    assert (report.scanned, report.persisted, report.failed) == (1, 1, 0)
+    assert harness.store_faults.calls["get"] == 0
+    assert harness.store_faults.calls["get_many"] == 1
+    stored = await harness.store.get(channel, orphan.message_id)
+    assert stored is not None and stored.timestamp == orphan.timestamp
+    assert (await harness.dw.reconcile()).scanned == 0, "a saved message is no longer marked"
+
+
+async def test_a_mark_left_by_a_failed_confirm_is_cleared_by_the_next_round(
+    harness: Harness,
+) -> None:
+    channel = ChannelRef(unique("ws"), unique("ch"))
+    harness.realtime_faults.operations = frozenset({"confirm"})
+    harness.realtime_faults.fail(times=1)
+    await send_saved(harness, channel, 1)
+    harness.clock.advance(60_000)
+    report = await harness.dw.reconcile()
+    assert (report.scanned, report.persisted, report.failed) == (1, 0, 0)
+    assert (await harness.dw.reconcile()).scanned == 0
+
+
+async def test_a_hung_store_costs_its_batch_not_the_round(harness: Harness) -> None:
+    stuck, fine = (ChannelRef(unique("ws"), unique(name)) for name in ("a", "b"))
+    await delivered_only(harness, stuck, "stuck")
+    harness.clock.advance(60_000)
+    harness.store_faults.hang()
+    report = await harness.dw.reconcile()  # returns: every call is bounded
+    assert report.failed >= 1 and report.persisted == 0
+    harness.store_faults.heal()
+    await delivered_only(harness, fine, "fine")
+    harness.clock.advance(60_000)
+    report = await harness.dw.reconcile()
+    assert report.persisted == 2 and report.failed == 0
+
+
+async def test_one_failing_lookup_does_not_abort_the_round(harness: Harness) -> None:
+    first, second = (ChannelRef(unique("ws"), unique(name)) for name in ("a", "b"))
+    await delivered_only(harness, first, "one")
+    await delivered_only(harness, second, "two")
+    harness.clock.advance(60_000)
+    harness.store_faults.operations = frozenset({"get", "get_many"})
+    harness.store_faults.fail(times=1)
+    report = await harness.dw.reconcile()
+    assert report.persisted == 1 and report.failed == 1
+    assert (await harness.dw.reconcile()).persisted == 1

@@ -7,9 +7,14 @@ import asyncio
 import pytest
 
 from dualwrite import NOT_SAVED_WARNING, SEND_FAILED_TEXT, InvalidInput, SendFailed, User
+from dualwrite.backends.permanent.memory import MemoryPermanentStore
+from dualwrite.backends.realtime.memory import MemoryRealtimeTier
+from dualwrite.clock import ManualClock
 from dualwrite.errors import BackendTimeout, ClientMessageIdReused, NotQueued
-from dualwrite.faults import InjectedFault
+from dualwrite.faults import Faults, FaultyPermanentStore, InjectedFault
 from dualwrite.model import ChannelRef
+from dualwrite.runtime import open_dualwrite
+from dualwrite.settings import Settings
 from tests.conftest import Harness, unique
 from tests.support.wait import until
 
@@ -243,3 +248,22 @@ async def test_the_text_limit_is_configurable(harness: Harness, channel: Channel
     await send(harness, channel, "x" * 40_000)
     with pytest.raises(InvalidInput):
         await send(harness, channel, "x" * 40_001)
+
+
+async def test_a_repeat_minutes_later_keeps_the_first_send_time_in_the_store(
+    tmp_path: object, clock: ManualClock
+) -> None:
+    # The memory store stamps with the (manual) clock, so "ten minutes later" needs no waiting.
+    store = FaultyPermanentStore(MemoryPermanentStore(clock), Faults())
+    settings = Settings(queue_path=f"{tmp_path}/queue.db")
+    async with open_dualwrite(
+        settings, realtime=MemoryRealtimeTier(clock), store=store, clock=clock, background=False
+    ) as dw:
+        store.faults.fail(times=1)
+        first = await dw.send_message("ws", "ch", "hello", ADA, client_message_id="c-late")
+        assert first.status == "pending"
+        clock.advance(600_000)
+        again = await dw.send_message("ws", "ch", "hello", ADA, client_message_id="c-late")
+        assert again.status == "saved" and again.timestamp == first.timestamp
+        stored = await store.get(ChannelRef("ws", "ch"), first.message_id)
+        assert stored is not None and stored.timestamp == first.timestamp

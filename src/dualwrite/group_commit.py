@@ -46,5 +46,10 @@ class GroupCommitStore:
     async def get(self, channel: ChannelRef, message_id: str) -> StoredMessage | None:
         return await self.inner.get(channel, message_id)
 
+    async def get_many(
+        self, channel: ChannelRef, message_ids: Sequence[str]
+    ) -> dict[str, StoredMessage]:
+        return await self.inner.get_many(channel, message_ids)
+
     async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:
         return await self.inner.history(channel, before, limit)

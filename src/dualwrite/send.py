@@ -102,7 +102,10 @@ class MessageSender:
                 workspace_id, channel_id, text, user, client_message_id
             )
             await self._write_realtime(channel, message)
-            status = await self.save_or_queue(PermanentWrite.of(channel, message))
+            write = PermanentWrite.of(channel, message)
+            # A repeat keeps the first attempt's time everywhere: the store must not stamp
+            # the time of the repeat (it may come minutes later).
+            status = await self.save_or_queue(write.as_retry() if repeat else write)
             if status == "saved" and repeat:
                 # A repeated send may find its first attempt still queued; it is saved now.
                 await self._queue.remove(channel, message.message_id)
@@ -163,7 +166,20 @@ class MessageSender:
             metrics.QUEUE_DEPTH.inc()
             return "pending"
         metrics.PERMANENT_WRITE_SECONDS.observe(time.perf_counter() - started)
+        await self._confirm(write)
         return "saved"
+
+    async def _confirm(self, write: PermanentWrite) -> None:
+        """Clear the message's "unconfirmed" mark in the realtime tier. Best effort: a mark
+        left behind costs the reconciler one batched store lookup, never a wrong answer."""
+        try:
+            await self._bounded_realtime(self._realtime.confirm(write.channel, [write.message_id]))
+        except Exception as error:
+            log.info(
+                "could not clear the unconfirmed mark: message_id=%s error=%r",
+                write.message_id,
+                error,
+            )
 
     async def _queue_or_unsend(self, write: PermanentWrite, error: Exception) -> None:
         """Queue the write durably before the sender hears "pending".

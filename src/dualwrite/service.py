@@ -59,8 +59,10 @@ class DualWrite:
             store,
             queue,
             clock,
-            timeout_s=settings.permanent_timeout_s,
+            realtime_timeout_s=settings.realtime_timeout_s,
+            permanent_timeout_s=settings.permanent_timeout_s,
             grace_ms=int(settings.reconcile_grace_s * 1000),
+            batch=settings.reconcile_batch,
         )
         self._recovery = ManualRecovery(realtime, store, queue, self.retrier, self.sender)
 

@@ -76,6 +76,8 @@ class Settings(_FromEnv):
     reconcile_interval_s: float = 60.0
     reconcile_grace_s: float = 30.0
     """The reconciler leaves messages younger than this to their own send."""
+    reconcile_batch: int = 500
+    """Unsaved marks the reconciler reads and checks (one store lookup) at a time."""
     sentry_dsn: str | None = None
     migrate_on_start: bool = False
     """Create or upgrade the permanent store's schema on connect (else: `dualwrite migrate`)."""
@@ -107,6 +109,8 @@ class Settings(_FromEnv):
                 raise BadSetting(f"{name} must be a probability from 0 to 1")
         if self.group_max_batch < 1 or self.group_max_in_flight < 1 or self.group_max_wait_ms < 0:
             raise BadSetting("group commit needs max_batch >= 1, max_in_flight >= 1, wait >= 0")
+        if self.reconcile_batch < 1:
+            raise BadSetting("reconcile_batch must be at least 1")
         if self.max_text_chars < 1:
             raise BadSetting("max_text_chars must be at least 1")
 

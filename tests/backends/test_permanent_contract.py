@@ -125,3 +125,16 @@ async def test_save_many_writes_each_once_keeping_existing_records(
     page = await store.history(channel, None, 100)
     assert [m.text for m in page.messages] == ["b4", "b3", "b2", "b1", "b0", "old"]
     assert [m.timestamp for m in page.messages][-1] == existing.sent_at
+
+
+async def test_get_many_returns_the_saved_records_by_id(
+    store: PermanentStore, channel: ChannelRef
+) -> None:
+    writes = [make_write(channel, f"-m{i}", sent_at=100 + i) for i in range(3)]
+    await store.save_many(writes)
+    other = ChannelRef(channel.workspace_id, "other")
+    await store.save(make_write(other, "-x", sent_at=100))
+    found = await store.get_many(channel, ["-m0", "-m2", "-missing", "-x"])
+    assert sorted(found) == ["-m0", "-m2"]
+    assert found["-m2"] == await store.get(channel, "-m2")
+    assert await store.get_many(channel, []) == {}

@@ -93,6 +93,20 @@ class FirestorePermanentStore:
         snapshot = await self._messages(channel).document(message_id).get(timeout=self._timeout_s)
         return _to_message(channel, snapshot.to_dict()) if snapshot.exists else None
 
+    async def get_many(
+        self, channel: ChannelRef, message_ids: Sequence[str]
+    ) -> dict[str, StoredMessage]:
+        if not message_ids:
+            return {}
+        documents = [self._messages(channel).document(i) for i in message_ids]
+        found: dict[str, StoredMessage] = {}
+        # get_all: one BatchGetDocuments call for the whole list.
+        async for snapshot in self._client.get_all(documents, timeout=self._timeout_s):
+            if snapshot.exists:
+                message = _to_message(channel, snapshot.to_dict())
+                found[message.message_id] = message
+        return found
+
     async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:
         """Pages by whole milliseconds, like every store, though Firestore keeps microseconds:
         the query starts at the cursor's millisecond and reads on until the last millisecond it

@@ -2,7 +2,10 @@
 `firebase-rtdb://127.0.0.1:9000?ns=NAME`), with firebase-admin's `db` module (REST).
 
 The layout is the story's (docs/story.md): `messages/{ws}/{ch}/{id}` =
-{userId, userName, text, timestamp, ttl}.
+{userId, userName, text, timestamp, ttl}. Beside it, `unconfirmed/{ws}/{ch}/{id}` = timestamp
+marks a message not yet confirmed saved; it is set before the message, so every delivered
+message has its mark, and the reconciler reads only these marks. History pages read
+`order_by_child("timestamp")` with `limit_to_last` (needs `".indexOn": ["timestamp"]`).
 firebase-admin blocks, so calls run in worker threads; live updates come from
 `Reference.listen()` (server-sent events, on its own thread, reconnecting by itself) and are
 handed to the event loop. Writes use `child(id).set()`, never `push()`: push is a POST the HTTP
@@ -17,7 +20,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
@@ -28,7 +31,7 @@ from dualwrite.backends import BackendContext, _firebase_app
 from dualwrite.backends._recent import RecentIds
 from dualwrite.clock import Clock
 from dualwrite.errors import UnknownBackend
-from dualwrite.model import ChannelRef, RealtimeMessage
+from dualwrite.model import REALTIME_TTL_MS, ChannelRef, RealtimeMessage
 from dualwrite.ports import RealtimeTier, SendClaim, SendKey
 
 T = TypeVar("T")
@@ -79,7 +82,12 @@ class FirebaseRealtimeTier:
         message = RealtimeMessage.from_wire(message_id, data)
         return None if message.expired(self._clock.now_ms()) else message
 
+    def _marks(self, channel: ChannelRef) -> db.Reference:
+        return self._ref(f"unconfirmed/{channel.workspace_id}/{channel.channel_id}")
+
     async def write(self, channel: ChannelRef, message: RealtimeMessage) -> None:
+        # The mark first: a message that lands (even after its write timed out) has one.
+        await self._run(self._marks(channel).child(message.message_id).set, message.timestamp)
         ref = self._ref(channel.realtime_path).child(message.message_id)
         await self._run(ref.set, message.to_wire())
 
@@ -105,8 +113,72 @@ class FirebaseRealtimeTier:
                 found.append(message)
         return found[:limit]
 
+    async def read_before(
+        self, channel: ChannelRef, before: tuple[int, str] | None, limit: int
+    ) -> list[RealtimeMessage]:
+        query = self._ref(channel.realtime_path).order_by_child("timestamp")
+        if before is not None:
+            query = query.end_at(before[0])
+        # end_at is inclusive and orders ties by key: ask for more while the cursor's own
+        # millisecond could fill the answer. The filter repeats the query on the client, so a
+        # server that ignores queries still gives the right answer.
+        want = limit + 1
+        while True:
+            data = await self._run(query.limit_to_last(want).get) or {}
+            found = []
+            for message_id, value in data.items():
+                message = self._decode(message_id, value)
+                if message is None:
+                    continue
+                if before is None or (message.timestamp, message_id) < before:
+                    found.append(message)
+            found.sort(key=lambda m: (m.timestamp, m.message_id), reverse=True)
+            if len(found) >= limit or len(data) < want:
+                return found[:limit]
+            want *= 2
+
     async def delete(self, channel: ChannelRef, message_id: str) -> None:
         await self._run(self._ref(channel.realtime_path).child(message_id).delete)
+        await self._run(self._marks(channel).child(message_id).delete)
+
+    async def unconfirmed(
+        self,
+        channel: ChannelRef,
+        after: tuple[int, str] | None,
+        sent_until_ms: int,
+        limit: int,
+    ) -> list[RealtimeMessage]:
+        query = self._marks(channel).order_by_value().end_at(sent_until_ms)
+        if after is not None:
+            query = query.start_at(after[0])
+        want = limit + 1
+        while True:
+            marks = await self._run(query.limit_to_first(want).get) or {}
+            keys = sorted(
+                (int(ts), message_id)
+                for message_id, ts in marks.items()
+                if isinstance(ts, int)
+                and ts <= sent_until_ms
+                and (after is None or (ts, message_id) > after)
+            )
+            if len(keys) >= limit or len(marks) < want:
+                break
+            want *= 2
+        found: list[RealtimeMessage] = []
+        gone: dict[str, None] = {}
+        for _, message_id in keys[:limit]:
+            message = await self.read(channel, message_id)
+            if message is None:
+                gone[message_id] = None
+            else:
+                found.append(message)
+        if gone:  # expired or deleted: nothing left to save
+            await self._run(self._marks(channel).update, gone)
+        return found
+
+    async def confirm(self, channel: ChannelRef, message_ids: Sequence[str]) -> None:
+        if message_ids:
+            await self._run(self._marks(channel).update, dict.fromkeys(message_ids))
 
     async def subscribe(
         self, channel: ChannelRef, after_id: str | None = None
@@ -173,6 +245,7 @@ class FirebaseRealtimeTier:
         deleted = 0
         for ref in await self.channels():
             deleted += await self._delete_expired(self._ref(ref.realtime_path), now_ms)
+            await self._delete_old_marks(self._marks(ref), now_ms - REALTIME_TTL_MS)
         # Idempotency keys expire like messages: sends/{ws}/{user}/{clientMessageId}.
         for workspace in await self._run(self._ref("sends").get, False, True) or {}:
             for user in await self._run(self._ref(f"sends/{workspace}").get, False, True) or {}:
@@ -191,6 +264,13 @@ class FirebaseRealtimeTier:
         if expired:
             await self._run(parent.update, expired)
         return len(expired)
+
+    async def _delete_old_marks(self, parent: db.Reference, sent_before_ms: int) -> None:
+        """Marks of messages past their TTL: nothing is left to save."""
+        old = await self._run(parent.order_by_value().end_at(sent_before_ms).get) or {}
+        stale = {k: None for k, v in old.items() if isinstance(v, int) and v <= sent_before_ms}
+        if stale:
+            await self._run(parent.update, stale)
 
     async def claim_send(self, key: SendKey, claim: SendClaim, ttl_ms: int) -> SendClaim:
         ref = self._ref(f"sends/{key.workspace_id}/{key.user_id}/{key.client_message_id}")

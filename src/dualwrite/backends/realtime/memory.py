@@ -6,7 +6,8 @@ It reaches subscribers of this process only; use Redis or Firebase to share a ti
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import bisect
+from collections.abc import AsyncIterator, Sequence
 
 from dualwrite.backends import BackendContext
 from dualwrite.backends._recent import RecentIds
@@ -19,6 +20,10 @@ class MemoryRealtimeTier:
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
         self._channels: dict[ChannelRef, dict[str, RealtimeMessage]] = {}
+        # Per channel, (timestamp, id) keys kept sorted: history pages and the reconciler's
+        # "not yet saved" marks are read by bisection, never by walking the channel.
+        self._by_time: dict[ChannelRef, list[tuple[int, str]]] = {}
+        self._unconfirmed: dict[ChannelRef, list[tuple[int, str]]] = {}
         self._subscribers: dict[ChannelRef, set[asyncio.Queue[RealtimeMessage]]] = {}
         self._claims: dict[SendKey, tuple[SendClaim, int]] = {}
 
@@ -29,7 +34,17 @@ class MemoryRealtimeTier:
         pass
 
     async def write(self, channel: ChannelRef, message: RealtimeMessage) -> None:
-        self._channels.setdefault(channel, {})[message.message_id] = message
+        entries = self._channels.setdefault(channel, {})
+        previous = entries.get(message.message_id)
+        if previous is not None:
+            _discard(self._by_time.get(channel), (previous.timestamp, previous.message_id))
+        entries[message.message_id] = message
+        key = (message.timestamp, message.message_id)
+        bisect.insort(self._by_time.setdefault(channel, []), key)
+        marks = self._unconfirmed.setdefault(channel, [])
+        if previous is not None:
+            _discard(marks, (previous.timestamp, previous.message_id))
+        bisect.insort(marks, key)
         for queue in self._subscribers.get(channel, ()):
             queue.put_nowait(message)
 
@@ -48,8 +63,58 @@ class MemoryRealtimeTier:
         live = (entries[i] for i in ids if not entries[i].expired(now))
         return [m for _, m in zip(range(limit), live, strict=False)]
 
+    async def read_before(
+        self, channel: ChannelRef, before: tuple[int, str] | None, limit: int
+    ) -> list[RealtimeMessage]:
+        keys = self._by_time.get(channel, [])
+        entries = self._channels.get(channel, {})
+        now = self._clock.now_ms()
+        position = len(keys) if before is None else bisect.bisect_left(keys, before)
+        found: list[RealtimeMessage] = []
+        while position > 0 and len(found) < limit:
+            position -= 1
+            message = entries[keys[position][1]]
+            if not message.expired(now):
+                found.append(message)
+        return found
+
     async def delete(self, channel: ChannelRef, message_id: str) -> None:
-        self._channels.get(channel, {}).pop(message_id, None)
+        message = self._channels.get(channel, {}).pop(message_id, None)
+        if message is not None:
+            key = (message.timestamp, message_id)
+            _discard(self._by_time.get(channel), key)
+            _discard(self._unconfirmed.get(channel), key)
+
+    async def unconfirmed(
+        self,
+        channel: ChannelRef,
+        after: tuple[int, str] | None,
+        sent_until_ms: int,
+        limit: int,
+    ) -> list[RealtimeMessage]:
+        marks = self._unconfirmed.get(channel, [])
+        entries = self._channels.get(channel, {})
+        now = self._clock.now_ms()
+        position = 0 if after is None else bisect.bisect_right(marks, after)
+        found: list[RealtimeMessage] = []
+        while position < len(marks) and len(found) < limit:
+            timestamp, message_id = marks[position]
+            if timestamp > sent_until_ms:
+                break
+            message = entries.get(message_id)
+            if message is None or message.expired(now):
+                del marks[position]  # nothing left to save
+                continue
+            found.append(message)
+            position += 1
+        return found
+
+    async def confirm(self, channel: ChannelRef, message_ids: Sequence[str]) -> None:
+        entries = self._channels.get(channel, {})
+        for message_id in message_ids:
+            message = entries.get(message_id)
+            if message is not None:
+                _discard(self._unconfirmed.get(channel), (message.timestamp, message_id))
 
     async def subscribe(
         self, channel: ChannelRef, after_id: str | None = None
@@ -83,10 +148,12 @@ class MemoryRealtimeTier:
         for channel, entries in list(self._channels.items()):
             expired = [i for i, m in entries.items() if m.expired(now_ms)]
             for message_id in expired:
-                del entries[message_id]
+                await self.delete(channel, message_id)
             deleted += len(expired)
             if not entries:
                 del self._channels[channel]
+                self._by_time.pop(channel, None)
+                self._unconfirmed.pop(channel, None)
         self._claims = {k: v for k, v in self._claims.items() if v[1] > now_ms}
         return deleted
 
@@ -97,6 +164,15 @@ class MemoryRealtimeTier:
             return held[0]
         self._claims[key] = (claim, now + ttl_ms)
         return claim
+
+
+def _discard(keys: list[tuple[int, str]] | None, key: tuple[int, str]) -> None:
+    """Remove ``key`` from a sorted list, if it is there."""
+    if keys is None:
+        return
+    position = bisect.bisect_left(keys, key)
+    if position < len(keys) and keys[position] == key:
+        del keys[position]
 
 
 def create(url: str, context: BackendContext) -> RealtimeTier:
