@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from dualwrite._calls import bounded
+from dualwrite._calls import bounded, guarded
 from dualwrite.clock import Clock
 from dualwrite.model import ChannelRef, PermanentWrite, RealtimeMessage
 from dualwrite.ports import PermanentStore, RealtimeTier
@@ -66,7 +66,9 @@ class Reconciler:
         """One round over every channel; raises only if the channel list cannot be read."""
         report = ReconcileReport()
         cutoff = self._clock.now_ms() - self.grace_ms
-        channels = await bounded(self._realtime.channels(), self._realtime_timeout_s, "realtime")
+        channels = await guarded(
+            self._realtime.channels(), self._realtime_timeout_s, "realtime tier"
+        )
         for channel in channels:
             report.channels += 1
             after: tuple[int, str] | None = None

@@ -24,7 +24,7 @@ import sentry_sdk
 from dualwrite import metrics
 from dualwrite._calls import bounded
 from dualwrite.clock import Clock
-from dualwrite.errors import ClientMessageIdReused, InvalidInput, SendFailed
+from dualwrite.errors import BackendError, ClientMessageIdReused, InvalidInput, SendFailed
 from dualwrite.ids import PushIdGenerator
 from dualwrite.model import (
     REALTIME_TTL_MS,
@@ -153,8 +153,14 @@ class MessageSender:
             raise SendFailed() from exc
         metrics.REALTIME_WRITE_SECONDS.observe(time.perf_counter() - started)
 
-    async def save_or_queue(self, write: PermanentWrite) -> SendStatus:
-        """Step 2: the permanent write, or (on failure) report it and queue it durably."""
+    async def save_or_queue(
+        self, write: PermanentWrite, *, delivered_earlier: bool = False
+    ) -> SendStatus:
+        """Step 2: the permanent write, or (on failure) report it and queue it durably.
+
+        ``delivered_earlier``: a manual retry of a message acknowledged long ago. If even the
+        queue fails then, the message stays in the realtime tier and `BackendError` is raised.
+        """
         started = time.perf_counter()
         try:
             await bounded(
@@ -162,7 +168,7 @@ class MessageSender:
             )
         except Exception as exc:
             report_permanent_failure(write, exc)
-            await self._queue_or_unsend(write, exc)
+            await self._queue_or_unsend(write, exc, delivered_earlier)
             metrics.QUEUE_DEPTH.inc()
             return "pending"
         metrics.PERMANENT_WRITE_SECONDS.observe(time.perf_counter() - started)
@@ -181,7 +187,9 @@ class MessageSender:
                 error,
             )
 
-    async def _queue_or_unsend(self, write: PermanentWrite, error: Exception) -> None:
+    async def _queue_or_unsend(
+        self, write: PermanentWrite, error: Exception, delivered_earlier: bool
+    ) -> None:
         """Queue the write durably before the sender hears "pending".
 
         If even the local queue cannot take it, the message would be delivered yet doomed to
@@ -197,6 +205,9 @@ class MessageSender:
                 queue_error,
             )
             sentry_sdk.capture_exception(queue_error)
+            if delivered_earlier:
+                # Its sender was told long ago; taking it back now would only lose it sooner.
+                raise BackendError("the retry queue is unavailable") from queue_error
             with contextlib.suppress(Exception):
                 await self._bounded_realtime(self._realtime.delete(write.channel, write.message_id))
             raise SendFailed() from queue_error

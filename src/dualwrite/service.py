@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from dualwrite import history
-from dualwrite._calls import bounded
+from dualwrite._calls import bounded, guarded
 from dualwrite.clock import Clock
 from dualwrite.errors import BackendError, InvalidInput
 from dualwrite.model import ChannelHistory, RealtimeMessage, SendResult, SendStatus, User
@@ -104,9 +104,12 @@ class DualWrite:
         """Manual retry of every queued permanent write."""
         return await self.retrier.retry_all()
 
-    async def pending(self, user_id: str | None = None, limit: int = 1000) -> list[QueuedWrite]:
-        """Writes waiting in this process's retry queue, optionally one user's only."""
-        return await self._queue.entries(limit=limit, user_id=user_id)
+    async def pending(
+        self, user_id: str | None = None, limit: int = 1000, workspace_id: str | None = None
+    ) -> list[QueuedWrite]:
+        """Writes waiting in this process's retry queue, optionally one user's (in one
+        workspace) only."""
+        return await self._queue.entries(limit=limit, user_id=user_id, workspace_id=workspace_id)
 
     async def queue_depth(self) -> int:
         """How many writes wait in this process's retry queue."""
@@ -161,4 +164,8 @@ class DualWrite:
 
     async def sweep(self) -> int:
         """Delete expired realtime entries now; returns how many."""
-        return await self._realtime.sweep_expired(self._clock.now_ms())
+        return await guarded(
+            self._realtime.sweep_expired(self._clock.now_ms()),
+            self.settings.sweep_timeout_s,
+            "realtime sweep",
+        )

@@ -73,6 +73,8 @@ class Settings(_FromEnv):
     retry_cap_s: float = 300.0
     retry_poll_s: float = 1.0
     sweep_interval_s: float = 60.0
+    sweep_timeout_s: float = 30.0
+    """Bound on one sweep of the realtime tier (it visits every channel)."""
     reconcile_interval_s: float = 60.0
     reconcile_grace_s: float = 30.0
     """The reconciler leaves messages younger than this to their own send."""
@@ -101,6 +103,7 @@ class Settings(_FromEnv):
             "retry_cap_s",
             "retry_poll_s",
             "sweep_interval_s",
+            "sweep_timeout_s",
             "reconcile_interval_s",
             "reconcile_grace_s",
         )
