@@ -74,7 +74,9 @@ async def open_dualwrite(
     init_sentry(settings.sentry_dsn)
     context = BackendContext(
         clock=clock,
-        call_timeout_s=max(settings.realtime_timeout_s, settings.permanent_timeout_s),
+        call_timeout_s=settings.permanent_timeout_s,
+        realtime_timeout_s=settings.realtime_timeout_s,
+        realtime_threads=settings.realtime_threads,
         migrate_on_start=settings.migrate_on_start,
     )
     realtime = realtime or create_realtime_tier(settings.realtime_url, context)

@@ -65,6 +65,9 @@ class Settings(_FromEnv):
     """Local SQLite file of the durable retry queue (one per process or host)."""
     realtime_timeout_s: float = 2.0
     """Bound on one realtime-tier call; a send whose realtime write takes longer fails."""
+    realtime_threads: int = 16
+    """Worker threads for a realtime tier whose driver blocks (Firebase), its own pool, so a
+    slow database never queues sends behind other work in asyncio's default pool."""
     permanent_timeout_s: float = 5.0
     """Bound on one permanent-store call; a save that takes longer is queued."""
     max_text_chars: int = 40_000
@@ -112,6 +115,8 @@ class Settings(_FromEnv):
                 raise BadSetting(f"{name} must be a probability from 0 to 1")
         if self.group_max_batch < 1 or self.group_max_in_flight < 1 or self.group_max_wait_ms < 0:
             raise BadSetting("group commit needs max_batch >= 1, max_in_flight >= 1, wait >= 0")
+        if self.realtime_threads < 1:
+            raise BadSetting("realtime_threads must be at least 1")
         if self.reconcile_batch < 1:
             raise BadSetting("reconcile_batch must be at least 1")
         if self.max_text_chars < 1:

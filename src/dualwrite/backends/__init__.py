@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from dualwrite.clock import Clock, SystemClock
 from dualwrite.errors import UnknownBackend
+from dualwrite.settings import Settings
 
 if TYPE_CHECKING:
     from dualwrite.ports import PermanentStore, RealtimeTier
@@ -25,8 +26,12 @@ class BackendContext:
     """What every backend may need besides its URL."""
 
     clock: Clock = field(default_factory=SystemClock)
-    call_timeout_s: float = 5.0
-    """Upper bound for one backend call; drivers that take a timeout are given this one."""
+    call_timeout_s: float = Settings.permanent_timeout_s
+    """Upper bound for one permanent-store call; drivers that take a timeout are given it."""
+    realtime_timeout_s: float = Settings.realtime_timeout_s
+    """Upper bound for one realtime-tier call, given to its driver (socket, HTTP timeouts)."""
+    realtime_threads: int = Settings.realtime_threads
+    """Worker threads of a realtime driver that blocks (firebase-admin): its own pool."""
     migrate_on_start: bool = False
     """Stores with a schema (PostgreSQL) create or upgrade it when they connect."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 
@@ -21,7 +22,9 @@ class RateLimiter:
         self.burst = max(1, burst)
         self._now = now
         self._max_keys = max_keys
-        self._buckets: dict[tuple[str, str], tuple[float, float]] = {}
+        # Ordered by last use: the oldest bucket is the first to have refilled, so forgetting
+        # refilled buckets pops from the front and never walks the rest.
+        self._buckets: OrderedDict[tuple[str, str], tuple[float, float]] = OrderedDict()
 
     def acquire(self, key: tuple[str, str]) -> float:
         """Take one token: 0.0 if allowed, else the seconds until one is free."""
@@ -31,17 +34,30 @@ class RateLimiter:
         tokens, stamp = self._buckets.get(key, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + (now - stamp) * self.rate)
         if tokens >= 1:
-            self._buckets[key] = (tokens - 1, now)
+            self._touch(key, (tokens - 1, now))
             if len(self._buckets) > self._max_keys:
                 self._forget_full(now)
             return 0.0
-        self._buckets[key] = (tokens, now)
+        self._touch(key, (tokens, now))
         return (1 - tokens) / self.rate
 
+    def _touch(self, key: tuple[str, str], bucket: tuple[float, float]) -> None:
+        self._buckets[key] = bucket
+        self._buckets.move_to_end(key)
+
     def _forget_full(self, now: float) -> None:
-        # Buckets that have refilled completely hold no information.
+        """Drop buckets that have refilled completely (they hold no information), oldest
+        first, stopping at the first that has not: the cost is what is dropped."""
         refill_s = self.burst / self.rate
-        self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < refill_s}
+        while len(self._buckets) > self._max_keys:
+            key, (_, stamp) = next(iter(self._buckets.items()))
+            if now - stamp < refill_s:
+                break  # every bucket is in use: keep them all rather than forgive a sender
+            del self._buckets[key]
+
+    def __len__(self) -> int:
+        """Buckets held (for tests and metrics)."""
+        return len(self._buckets)
 
 
 def retry_after_header(wait_s: float) -> str:

@@ -121,7 +121,9 @@ async def _time_pages(
 def _backends(settings: Settings) -> tuple[RealtimeTier, PermanentStore]:
     context = BackendContext(
         clock=SystemClock(),
-        call_timeout_s=max(settings.realtime_timeout_s, settings.permanent_timeout_s),
+        call_timeout_s=settings.permanent_timeout_s,
+        realtime_timeout_s=settings.realtime_timeout_s,
+        realtime_threads=settings.realtime_threads,
         migrate_on_start=settings.migrate_on_start,
     )
     return (

@@ -57,6 +57,11 @@ class FirestorePermanentStore:
 
     async def close(self) -> None:
         if self._client is not None:
+            # AsyncClient.close() closes only its HTTP session; the gRPC channel belongs to
+            # the transport it made on first use, and is closed here.
+            transport = getattr(self._client, "_transport", None)
+            if transport is not None:
+                await transport.close()
             self._client.close()
             self._client = None
 

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
@@ -55,13 +57,18 @@ def database_url(url: str) -> tuple[str, bool]:
 
 
 class FirebaseRealtimeTier:
-    def __init__(self, url: str, clock: Clock, timeout_s: float) -> None:
+    def __init__(self, url: str, clock: Clock, timeout_s: float, threads: int) -> None:
         self._url, self._emulated = database_url(url)
         self._clock = clock
         self._timeout_s = timeout_s
+        self._threads = threads
         self._app: firebase_admin.App | None = None
+        self._executor: ThreadPoolExecutor | None = None
 
     async def connect(self) -> None:
+        # Its own threads: a call that timed out keeps its thread until httpTimeout (the
+        # realtime bound), and must not hold up anything outside this tier meanwhile.
+        self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix="dualwrite-rtdb")
         self._app = _firebase_app.initialize(
             {"databaseURL": self._url, "httpTimeout": self._timeout_s}, emulated=self._emulated
         )
@@ -69,12 +76,19 @@ class FirebaseRealtimeTier:
     async def close(self) -> None:
         _firebase_app.delete(self._app)
         self._app = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
     def _ref(self, path: str) -> db.Reference:
         return db.reference(path, app=self._app)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.to_thread(fn, *args)
+        if self._executor is None:
+            raise RuntimeError("FirebaseRealtimeTier is not connected")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, functools.partial(fn, *args)
+        )
 
     def _decode(self, message_id: str, data: Any) -> RealtimeMessage | None:
         if not isinstance(data, dict):
@@ -317,4 +331,6 @@ def _stop(registration: db.ListenerRegistration) -> None:
 
 
 def create(url: str, context: BackendContext) -> RealtimeTier:
-    return FirebaseRealtimeTier(url, context.clock, context.call_timeout_s)
+    return FirebaseRealtimeTier(
+        url, context.clock, context.realtime_timeout_s, context.realtime_threads
+    )

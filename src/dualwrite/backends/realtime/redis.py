@@ -342,4 +342,6 @@ def create(url: str, context: BackendContext) -> RealtimeTier:
     prefix = query.pop("prefix", "dualwrite:")
     max_connections = int(query.pop("max_connections", "64"))
     clean = urlunsplit(parts._replace(query=urlencode(query)))
-    return RedisRealtimeTier(clean, prefix, context.clock, context.call_timeout_s, max_connections)
+    return RedisRealtimeTier(
+        clean, prefix, context.clock, context.realtime_timeout_s, max_connections
+    )
