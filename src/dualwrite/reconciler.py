@@ -10,8 +10,9 @@ costs what is unsaved, not what the tier holds.
 
 Saves are idempotent inserts and a mark is cleared only once the store holds its message, so
 every process may run it at once: the worst case is a little repeated work, never a second row
-nor a lost message. Every call is bounded; a call that fails or hangs costs its batch (counted
-in `failed`, retried next round), never the round.
+nor a lost message. Every call is bounded; a call that fails costs its batch (counted in
+`failed`, retried next round), never the round; a store that hangs ends the round early (it
+would hang on every batch), and the next round tries again.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 from dualwrite._calls import bounded, guarded
 from dualwrite.clock import Clock
+from dualwrite.errors import BackendTimeout
 from dualwrite.model import ChannelRef, PermanentWrite, RealtimeMessage
 from dualwrite.ports import PermanentStore, RealtimeTier
 from dualwrite.retry_queue import RetryQueue
@@ -86,7 +88,13 @@ class Reconciler:
                 if not marks:
                     break
                 report.scanned += len(marks)
-                await self._check(channel, marks, report)
+                try:
+                    await self._check(channel, marks, report)
+                except BackendTimeout as hung:
+                    # A store that hangs would hang on every batch: end the round, and let
+                    # the next one try again, rather than wait out each batch in turn.
+                    log.warning("reconcile round ended early: %s", hung)
+                    return report
                 if len(marks) < self._batch:
                     break
                 after = (marks[-1].timestamp, marks[-1].message_id)
@@ -102,18 +110,20 @@ class Reconciler:
                 self._permanent_timeout_s,
                 "permanent store",
             )
+        except BackendTimeout:
+            report.failed += len(marks)
+            raise
         except Exception as error:
             report.failed += len(marks)
             log.warning("reconcile lookup failed: channel=%s error=%r", channel, error)
             return
         confirmed = [m.message_id for m in marks if m.message_id in saved]
-        for message in marks:
-            if message.message_id in saved:
-                continue
-            if await self._queue.find(message.message_id) is not None:
-                continue  # the retrier owns it
-            if await self._save(channel, message, report):
-                confirmed.append(message.message_id)
+        orphans = [
+            m
+            for m in marks
+            if m.message_id not in saved and await self._queue.find(m.message_id) is None
+        ]  # a message queued here belongs to the retrier
+        confirmed += await self._save_all(channel, orphans, report)
         if confirmed:
             try:
                 await bounded(
@@ -124,22 +134,40 @@ class Reconciler:
             except Exception as error:  # the marks stay: the next round clears them
                 log.warning("reconcile could not clear marks: %r", error)
 
-    async def _save(
-        self, channel: ChannelRef, message: RealtimeMessage, report: ReconcileReport
-    ) -> bool:
-        write = PermanentWrite.from_realtime(channel, message)
+    async def _save_all(
+        self, channel: ChannelRef, orphans: list[RealtimeMessage], report: ReconcileReport
+    ) -> list[str]:
+        """Save ``orphans`` with their send times in one round trip (one by one if that
+        fails, to learn which); returns the ids saved."""
+        if not orphans:
+            return []
+        writes = [PermanentWrite.from_realtime(channel, m) for m in orphans]
+        try:
+            await bounded(
+                self._store.save_many(writes), self._permanent_timeout_s, "permanent store"
+            )
+            done = writes
+        except BackendTimeout:
+            report.failed += len(writes)
+            raise
+        except Exception:
+            done = [w for w in writes if await self._save_one(w, report)]
+        for write in done:
+            log.warning(
+                "reconciled a delivered but unsaved message: message_id=%s "
+                "workspace_id=%s channel_id=%s",
+                write.message_id,
+                channel.workspace_id,
+                channel.channel_id,
+            )
+        report.persisted += len(done)
+        return [w.message_id for w in done]
+
+    async def _save_one(self, write: PermanentWrite, report: ReconcileReport) -> bool:
         try:
             await bounded(self._store.save(write), self._permanent_timeout_s, "permanent store")
         except Exception as error:
             report.failed += 1
-            log.warning("reconcile failed: message_id=%s error=%r", message.message_id, error)
+            log.warning("reconcile failed: message_id=%s error=%r", write.message_id, error)
             return False
-        report.persisted += 1
-        log.warning(
-            "reconciled a delivered but unsaved message: message_id=%s "
-            "workspace_id=%s channel_id=%s",
-            message.message_id,
-            channel.workspace_id,
-            channel.channel_id,
-        )
         return True
