@@ -23,6 +23,7 @@ class MemoryRealtimeTier:
         # Per channel, (timestamp, id) keys kept sorted: history pages and the reconciler's
         # "not yet saved" marks are read by bisection, never by walking the channel.
         self._by_time: dict[ChannelRef, list[tuple[int, str]]] = {}
+        self._by_id: dict[ChannelRef, list[str]] = {}  # for read_since, in id order
         self._unconfirmed: dict[ChannelRef, list[tuple[int, str]]] = {}
         self._subscribers: dict[ChannelRef, set[asyncio.Queue[RealtimeMessage]]] = {}
         self._claims: dict[SendKey, tuple[SendClaim, int]] = {}
@@ -39,6 +40,8 @@ class MemoryRealtimeTier:
         if previous is not None:
             _discard(self._by_time.get(channel), (previous.timestamp, previous.message_id))
         entries[message.message_id] = message
+        if previous is None:
+            bisect.insort(self._by_id.setdefault(channel, []), message.message_id)
         key = (message.timestamp, message.message_id)
         bisect.insort(self._by_time.setdefault(channel, []), key)
         marks = self._unconfirmed.setdefault(channel, [])
@@ -58,10 +61,16 @@ class MemoryRealtimeTier:
         self, channel: ChannelRef, after_id: str | None, limit: int
     ) -> list[RealtimeMessage]:
         entries = self._channels.get(channel, {})
+        ids = self._by_id.get(channel, [])
         now = self._clock.now_ms()
-        ids = sorted(i for i in entries if after_id is None or i > after_id)
-        live = (entries[i] for i in ids if not entries[i].expired(now))
-        return [m for _, m in zip(range(limit), live, strict=False)]
+        position = 0 if after_id is None else bisect.bisect_right(ids, after_id)
+        found: list[RealtimeMessage] = []
+        while position < len(ids) and len(found) < limit:
+            message = entries[ids[position]]
+            if not message.expired(now):
+                found.append(message)
+            position += 1
+        return found
 
     async def read_before(
         self, channel: ChannelRef, before: tuple[int, str] | None, limit: int
@@ -81,6 +90,10 @@ class MemoryRealtimeTier:
     async def delete(self, channel: ChannelRef, message_id: str) -> None:
         message = self._channels.get(channel, {}).pop(message_id, None)
         if message is not None:
+            ids = self._by_id.get(channel, [])
+            position = bisect.bisect_left(ids, message_id)
+            if position < len(ids) and ids[position] == message_id:
+                del ids[position]
             key = (message.timestamp, message_id)
             _discard(self._by_time.get(channel), key)
             _discard(self._unconfirmed.get(channel), key)
@@ -153,6 +166,7 @@ class MemoryRealtimeTier:
             if not entries:
                 del self._channels[channel]
                 self._by_time.pop(channel, None)
+                self._by_id.pop(channel, None)
                 self._unconfirmed.pop(channel, None)
         self._claims = {k: v for k, v in self._claims.items() if v[1] > now_ms}
         return deleted
