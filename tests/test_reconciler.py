@@ -118,3 +118,16 @@ async def test_one_failing_lookup_does_not_abort_the_round(harness: Harness) -> 
     report = await harness.dw.reconcile()
     assert report.persisted == 1 and report.failed == 1
     assert (await harness.dw.reconcile()).persisted == 1
+
+
+async def test_a_round_visits_only_the_channels_holding_marks(harness: Harness) -> None:
+    workspace = unique("ws")
+    for i in range(30):
+        await send_saved(harness, ChannelRef(workspace, f"quiet{i}"), 1)
+    orphan = await delivered_only(harness, ChannelRef(workspace, "busy"), "orphan")
+    harness.clock.advance(60_000)
+    harness.realtime_faults.calls.clear()
+    report = await harness.dw.reconcile()
+    assert report.persisted == 1 and report.channels == 1
+    assert harness.realtime_faults.calls["unconfirmed"] == 1, "not one call per channel"
+    assert await harness.store.get(ChannelRef(workspace, "busy"), orphan.message_id) is not None

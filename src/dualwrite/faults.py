@@ -113,6 +113,10 @@ class FaultyRealtimeTier:
         await self.faults.check("unconfirmed")
         return await self.inner.unconfirmed(channel, after, sent_until_ms, limit)
 
+    async def unconfirmed_channels(self, sent_until_ms: int) -> list[ChannelRef]:
+        await self.faults.check("unconfirmed_channels")
+        return await self.inner.unconfirmed_channels(sent_until_ms)
+
     async def confirm(self, channel: ChannelRef, message_ids: Sequence[str]) -> None:
         await self.faults.check("confirm")
         await self.inner.confirm(channel, message_ids)

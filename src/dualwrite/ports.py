@@ -82,6 +82,12 @@ class RealtimeTier(Protocol):
         """
         ...
 
+    async def unconfirmed_channels(self, sent_until_ms: int) -> list[ChannelRef]:
+        """The channels that may hold marks sent at or before ``sent_until_ms`` (a superset is
+        allowed), found in as few round trips as the backend allows: a round visits these,
+        not every channel."""
+        ...
+
     async def confirm(self, channel: ChannelRef, message_ids: Sequence[str]) -> None:
         """Clear the "not yet saved" marks of messages the permanent store now holds."""
         ...

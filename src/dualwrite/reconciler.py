@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ReconcileReport:
-    """What one round did: marks read (`scanned`), messages saved, calls that failed."""
+    """What one round did: channels holding old marks, marks read (`scanned`), messages
+    saved, and failures."""
 
     channels: int = 0
     scanned: int = 0
@@ -69,7 +70,7 @@ class Reconciler:
         report = ReconcileReport()
         cutoff = self._clock.now_ms() - self.grace_ms
         channels = await guarded(
-            self._realtime.channels(), self._realtime_timeout_s, "realtime tier"
+            self._realtime.unconfirmed_channels(cutoff), self._realtime_timeout_s, "realtime tier"
         )
         for channel in channels:
             report.channels += 1

@@ -251,3 +251,21 @@ async def test_unconfirmed_drops_the_marks_of_expired_entries(
     young = make_message(clock, ids, "young")
     await realtime.write(channel, young)
     assert await realtime.unconfirmed(channel, None, clock.now_ms(), 10) == [young]
+
+
+async def test_unconfirmed_channels_lists_the_channels_holding_old_marks(
+    realtime: RealtimeTier, clock: ManualClock, ids: PushIdGenerator
+) -> None:
+    workspace = unique("ws")
+    marked, confirmed = ChannelRef(workspace, "marked"), ChannelRef(workspace, "confirmed")
+    old = make_message(clock, ids, "old")
+    await realtime.write(marked, old)
+    done = make_message(clock, ids, "done")
+    await realtime.write(confirmed, done)
+    await realtime.confirm(confirmed, [done.message_id])
+    listed = [
+        c
+        for c in await realtime.unconfirmed_channels(clock.now_ms())
+        if c.workspace_id == workspace
+    ]
+    assert listed == [marked]

@@ -190,6 +190,16 @@ class FirebaseRealtimeTier:
             await self._run(self._marks(channel).update, gone)
         return found
 
+    async def unconfirmed_channels(self, sent_until_ms: int) -> list[ChannelRef]:
+        # The Realtime Database drops empty nodes: every channel under `unconfirmed/` holds
+        # marks (perhaps younger ones: a superset is allowed).
+        found = []
+        workspaces = await self._run(self._ref("unconfirmed").get, False, True) or {}
+        for workspace in workspaces:
+            channels = await self._run(self._ref(f"unconfirmed/{workspace}").get, False, True)
+            found += [ChannelRef(workspace, channel_id) for channel_id in channels or {}]
+        return sorted(found)
+
     async def confirm(self, channel: ChannelRef, message_ids: Sequence[str]) -> None:
         if message_ids:
             await self._run(self._marks(channel).update, dict.fromkeys(message_ids))

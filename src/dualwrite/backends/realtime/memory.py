@@ -122,6 +122,11 @@ class MemoryRealtimeTier:
             position += 1
         return found
 
+    async def unconfirmed_channels(self, sent_until_ms: int) -> list[ChannelRef]:
+        return sorted(
+            c for c, marks in self._unconfirmed.items() if marks and marks[0][0] <= sent_until_ms
+        )
+
     async def confirm(self, channel: ChannelRef, message_ids: Sequence[str]) -> None:
         entries = self._channels.get(channel, {})
         for message_id in message_ids:

@@ -285,6 +285,19 @@ class RedisRealtimeTier:
             await self._r.zrem(index, *gone)
         return found[:limit]
 
+    async def unconfirmed_channels(self, sent_until_ms: int) -> list[ChannelRef]:
+        channels = await self.channels()
+        found: list[ChannelRef] = []
+        # One pipelined count per channel, a thousand to a round trip.
+        for start in range(0, len(channels), 1000):
+            chunk = channels[start : start + 1000]
+            async with self._r.pipeline(transaction=False) as pipe:
+                for channel in chunk:
+                    pipe.zcount(self._key(channel, "unconfirmed"), "-inf", sent_until_ms)
+                counts = await pipe.execute()
+            found += [c for c, n in zip(chunk, counts, strict=True) if int(n)]
+        return found
+
     async def confirm(self, channel: ChannelRef, message_ids: Sequence[str]) -> None:
         if len(message_ids) == 1:
             await self._confirms.submit((channel, message_ids[0]))
