@@ -109,11 +109,15 @@ class DualWrite:
     ) -> list[QueuedWrite]:
         """Writes waiting in this process's retry queue, optionally one user's (in one
         workspace) only."""
-        return await self._queue.entries(limit=limit, user_id=user_id, workspace_id=workspace_id)
+        return await guarded(
+            self._queue.entries(limit=limit, user_id=user_id, workspace_id=workspace_id),
+            self.settings.permanent_timeout_s,
+            "retry queue",
+        )
 
     async def queue_depth(self) -> int:
         """How many writes wait in this process's retry queue."""
-        return await self._queue.count()
+        return await guarded(self._queue.count(), self.settings.permanent_timeout_s, "retry queue")
 
     async def history(
         self, workspace_id: str, channel_id: str, before: str | None = None, limit: int = 50

@@ -20,6 +20,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from dualwrite import metrics
+from dualwrite.errors import BackendError
 from dualwrite.runtime import open_dualwrite
 from dualwrite.server import api, sockets
 from dualwrite.server.auth import Authenticator, FirebaseIdTokens, TokenSigner
@@ -99,7 +100,9 @@ async def health(request: Request) -> Response:
 
 
 async def metrics_endpoint(request: Request) -> Response:
-    with contextlib.suppress(RuntimeError):  # before the lifespan: no queue to count yet
+    # Before the lifespan there is no queue to count yet; a queue that does not answer within
+    # its bound leaves the last depth, rather than failing the scrape.
+    with contextlib.suppress(RuntimeError, BackendError):
         metrics.QUEUE_DEPTH.set(await server_state(request).dw.queue_depth())
     return Response(
         prometheus_client.generate_latest(), media_type=prometheus_client.CONTENT_TYPE_LATEST
