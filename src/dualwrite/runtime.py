@@ -113,3 +113,4 @@ async def open_dualwrite(
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await app.sender.confirmations.close()

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -45,6 +46,10 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
+# How long a saved send's mark waits to be cleared with others (the reconciler's grace period
+# is tens of seconds; this only gathers concurrent saves into one call).
+_CONFIRM_DELAY_S = 0.05
+
 
 @dataclass(frozen=True)
 class SendLimits:
@@ -59,6 +64,52 @@ class SendLimits:
         return cls(
             settings.realtime_timeout_s, settings.permanent_timeout_s, settings.max_text_chars
         )
+
+
+class Confirmations:
+    """Saved messages whose "unconfirmed" marks are still to be cleared.
+
+    Cleared a moment later in batches, off the send's path: a send answers as soon as it is
+    saved, and concurrent saves share one call per channel. A mark left behind (the process
+    died first, or the call failed) costs the reconciler one batched lookup, never a wrong
+    answer; the reconciler flushes these before each round.
+    """
+
+    def __init__(self, realtime: RealtimeTier, timeout_s: float) -> None:
+        self._realtime = realtime
+        self._timeout_s = timeout_s
+        self._pending: dict[ChannelRef, list[str]] = {}
+        self._flush_task: asyncio.Task[None] | None = None
+
+    def add(self, channel: ChannelRef, message_id: str) -> None:
+        self._pending.setdefault(channel, []).append(message_id)
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.create_task(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(_CONFIRM_DELAY_S)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Clear every pending mark now (best effort)."""
+        pending, self._pending = self._pending, {}
+        await asyncio.gather(*(self._clear(c, ids) for c, ids in pending.items()))
+
+    async def _clear(self, channel: ChannelRef, message_ids: list[str]) -> None:
+        try:
+            await bounded(
+                self._realtime.confirm(channel, message_ids), self._timeout_s, "realtime tier"
+            )
+        except Exception as error:
+            log.info("could not clear %d unconfirmed marks: %r", len(message_ids), error)
+
+    async def close(self) -> None:
+        """Flush what is pending and stop."""
+        if self._flush_task is not None:
+            self._flush_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flush_task
+        await self.flush()
 
 
 class MessageSender:
@@ -79,6 +130,7 @@ class MessageSender:
         self._clock = clock
         self.limits = limits
         self._ids = ids or PushIdGenerator(clock.now_ms)
+        self.confirmations = Confirmations(realtime, limits.realtime_timeout_s)
 
     async def send_message(
         self,
@@ -172,20 +224,8 @@ class MessageSender:
             metrics.QUEUE_DEPTH.inc()
             return "pending"
         metrics.PERMANENT_WRITE_SECONDS.observe(time.perf_counter() - started)
-        await self._confirm(write)
+        self.confirmations.add(write.channel, write.message_id)
         return "saved"
-
-    async def _confirm(self, write: PermanentWrite) -> None:
-        """Clear the message's "unconfirmed" mark in the realtime tier. Best effort: a mark
-        left behind costs the reconciler one batched store lookup, never a wrong answer."""
-        try:
-            await self._bounded_realtime(self._realtime.confirm(write.channel, [write.message_id]))
-        except Exception as error:
-            log.info(
-                "could not clear the unconfirmed mark: message_id=%s error=%r",
-                write.message_id,
-                error,
-            )
 
     async def _queue_or_unsend(
         self, write: PermanentWrite, error: Exception, delivered_earlier: bool

@@ -164,6 +164,7 @@ class DualWrite:
     async def reconcile(self) -> ReconcileReport:
         """Save delivered messages older than the grace period that are neither saved nor
         queued (a process died between the two writes)."""
+        await self.sender.confirmations.flush()  # marks of saves this process already made
         return await self.reconciler.run_once()
 
     async def sweep(self) -> int:

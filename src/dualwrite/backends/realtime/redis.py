@@ -41,11 +41,6 @@ local sid = redis.call('XADD', KEYS[3], 'MINID', '~', minid, '*', 'id', ARGV[1],
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('ZADD', KEYS[2], 0, ARGV[1])
 redis.call('ZREMRANGEBYLEX', KEYS[2], '-', '(' .. ARGV[4])
-local old = redis.call('ZSCORE', KEYS[4], ARGV[1])
-if old and old ~= ARGV[6] then
-  redis.call('ZREM', KEYS[4], ARGV[1])
-  redis.call('ZREM', KEYS[5], ARGV[1])
-end
 redis.call('ZADD', KEYS[4], ARGV[6], ARGV[1])
 redis.call('ZADD', KEYS[5], ARGV[6], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[7])
