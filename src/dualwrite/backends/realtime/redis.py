@@ -50,7 +50,9 @@ return sid
 """
 
 # The newest entries at or below a score, with their records, as one JSON text: a page is one
-# round trip and one json.loads, not a range, an MGET and a hundred replies to parse.
+# round trip and one json.loads, not a range, an MGET and a hundred replies to parse. The record
+# keys are named from ARGV, not KEYS (they are known only inside): they share the index's hash
+# tag, so a cluster finds them on the same slot.
 _READ_BEFORE = """
 local ids = redis.call('ZRANGE', KEYS[1], ARGV[1], '-inf', 'BYSCORE', 'REV',
                        'LIMIT', ARGV[2], ARGV[3], 'WITHSCORES')
