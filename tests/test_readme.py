@@ -175,6 +175,7 @@ def filled(command: str, setup: Setup) -> list[str]:
         "--user": "u1",
         "--name": "Ada",
         "--hours": "1",
+        "--pages": "2",
         "--messages": "20",
         "--concurrency": "2",
         "--json": str(setup.workdir / "bench.json"),

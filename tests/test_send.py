@@ -7,10 +7,15 @@ import asyncio
 import pytest
 
 from dualwrite import NOT_SAVED_WARNING, SEND_FAILED_TEXT, InvalidInput, SendFailed, User
-from dualwrite.errors import BackendTimeout, ClientMessageIdReused, NotQueued
-from dualwrite.faults import InjectedFault
+from dualwrite.backends import BackendContext, create_realtime_tier
+from dualwrite.backends.permanent.memory import MemoryPermanentStore
+from dualwrite.clock import ManualClock
+from dualwrite.errors import BackendError, BackendTimeout, ClientMessageIdReused, NotQueued
+from dualwrite.faults import Faults, FaultyPermanentStore, InjectedFault
 from dualwrite.ids import PushIdGenerator
-from dualwrite.model import ChannelRef
+from dualwrite.model import ChannelRef, RealtimeMessage
+from dualwrite.runtime import open_dualwrite
+from dualwrite.settings import Settings
 from tests.conftest import Harness, unique
 from tests.support.wait import until
 
@@ -246,3 +251,53 @@ async def test_the_text_limit_is_configurable(harness: Harness, channel: Channel
     await send(harness, channel, "x" * 40_000)
     with pytest.raises(InvalidInput):
         await send(harness, channel, "x" * 40_001)
+
+
+async def test_a_repeat_minutes_later_keeps_the_first_send_time_in_the_store(
+    tmp_path: object, clock: ManualClock
+) -> None:
+    # The memory store stamps with the (manual) clock, so "ten minutes later" needs no waiting.
+    store = FaultyPermanentStore(MemoryPermanentStore(clock), Faults())
+    settings = Settings(queue_path=f"{tmp_path}/queue.db")
+    async with open_dualwrite(
+        settings,
+        realtime=create_realtime_tier("memory://", BackendContext(clock)),
+        store=store,
+        clock=clock,
+        background=False,
+    ) as dw:
+        store.faults.fail(times=1)
+        first = await dw.send_message("ws", "ch", "hello", ADA, client_message_id="c-late")
+        assert first.status == "pending"
+        clock.advance(600_000)
+        again = await dw.send_message("ws", "ch", "hello", ADA, client_message_id="c-late")
+        assert again.status == "saved" and again.timestamp == first.timestamp
+        stored = await store.get(ChannelRef("ws", "ch"), first.message_id)
+        assert stored is not None and stored.timestamp == first.timestamp
+
+
+async def test_manual_persist_never_takes_a_message_back_when_the_queue_fails(
+    harness: Harness, channel: ChannelRef, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Delivered by some process long ago; now the store fails and so does the local queue.
+    now = harness.clock.now_ms()
+    message = RealtimeMessage("-P7KWfirstdeliverd1", "u1", "Ada", "kept", now, now + 3_600_000)
+    await harness.realtime.write(channel, message)
+    harness.store_faults.fail()
+
+    async def broken_put(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(harness.dw.sender._queue, "put", broken_put)
+    with pytest.raises(BackendError):  # a 503 over HTTP
+        await harness.dw.retry(message.message_id, channel.workspace_id, channel.channel_id)
+    assert await harness.realtime.read(channel, message.message_id) == message
+
+
+async def test_the_queue_listing_filters_by_workspace_before_its_limit(harness: Harness) -> None:
+    harness.store_faults.fail()
+    for i in range(3):
+        await harness.dw.send_message("crowded", "general", f"m{i}", ADA)
+    mine = await harness.dw.send_message("mine", "general", "me", ADA)
+    listed = await harness.dw.pending(user_id=ADA.id, limit=2, workspace_id="mine")
+    assert [e.message_id for e in listed] == [mine.message_id]

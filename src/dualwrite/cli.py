@@ -212,14 +212,23 @@ def build_parser() -> argparse.ArgumentParser:
     _backend_flags(migrate)
 
     bench = commands.add_parser("bench", help="measure sends/s and latency (needs the tools extra)")
-    bench.add_argument("--messages", type=int, default=10_000)
+    bench.add_argument(
+        "--messages",
+        type=int,
+        help="sends to make (default 10,000); for history and reconcile, the messages the "
+        "channel is filled with (default 100,000), measured beside a small channel",
+    )
     bench.add_argument("--concurrency", type=int, default=64)
     bench.add_argument("--channels", type=int, default=8)
     bench.add_argument(
         "--target",
-        choices=["library", "http"],
+        choices=["library", "http", "history", "reconcile"],
         default="library",
-        help="the in-process send path, or a `serve` process over HTTP",
+        help="sends through the library or a `serve` process over HTTP; history pages; "
+        "a reconcile round",
+    )
+    bench.add_argument(
+        "--pages", type=int, default=200, help="pages read per figure (history target)"
     )
     bench.add_argument(
         "--subscribers", type=int, default=100, help="WebSocket subscribers (http target)"
@@ -649,6 +658,9 @@ async def _bench(args: argparse.Namespace) -> int:
             queue_path=args.queue or str(Path(scratch, "queue.db")),
         )
         labels = (redact_url(settings.realtime_url), redact_url(settings.store_url))
+        if args.target in ("history", "reconcile"):
+            return await _bench_reading(args, settings, scratch, labels)
+        args.messages = args.messages or 10_000
         if args.target == "library":
             async with open_dualwrite(settings) as dw:
                 report = await run_library(
@@ -695,6 +707,28 @@ _EXTRA_MODULES = {
     "server": ("starlette", "uvicorn", "websockets", "jwt"),
     "tools": ("starlette", "uvicorn", "websockets", "jwt", "aiohttp", "httpx", "redis", "psycopg"),
 }
+
+
+async def _bench_reading(
+    args: argparse.Namespace, settings: Settings, scratch: str, labels: tuple[str, str]
+) -> int:
+    """`bench --target history|reconcile`: what reading costs as a channel grows."""
+    bench = _needs_extra("dualwrite.tools.bench_history", "tools", "bench")
+    print(f"realtime tier {labels[0]}, permanent store {labels[1]}")
+    if args.target == "history":
+        sizes = (1_000, args.messages or 100_000)
+        shared = not settings.realtime_url.startswith("memory:")
+        report = await bench.run_history(settings, scratch, sizes, args.pages, http=shared)
+        print(bench.history_table(report))
+    else:
+        sizes = (10_000, args.messages or 100_000)
+        report = await bench.run_reconcile(settings, sizes)
+        print(bench.reconcile_table(report))
+    if args.json:
+        await asyncio.to_thread(
+            Path(args.json).write_text, json.dumps(report, indent=2, default=str) + "\n"
+        )
+    return 0
 
 
 def _needs_extra(module: str, extra: str, command: str) -> Any:

@@ -100,9 +100,33 @@ class FaultyRealtimeTier:
         await self.faults.check("read_since")
         return await self.inner.read_since(channel, after_id, limit)
 
+    async def read_before(
+        self, channel: ChannelRef, before: tuple[int, str] | None, limit: int
+    ) -> list[RealtimeMessage]:
+        await self.faults.check("read_before")
+        return await self.inner.read_before(channel, before, limit)
+
     async def delete(self, channel: ChannelRef, message_id: str) -> None:
         await self.faults.check("delete")
         await self.inner.delete(channel, message_id)
+
+    async def unconfirmed(
+        self,
+        channel: ChannelRef,
+        after: tuple[int, str] | None,
+        sent_until_ms: int,
+        limit: int,
+    ) -> list[RealtimeMessage]:
+        await self.faults.check("unconfirmed")
+        return await self.inner.unconfirmed(channel, after, sent_until_ms, limit)
+
+    async def unconfirmed_channels(self, sent_until_ms: int) -> list[ChannelRef]:
+        await self.faults.check("unconfirmed_channels")
+        return await self.inner.unconfirmed_channels(sent_until_ms)
+
+    async def confirm(self, channel: ChannelRef, message_ids: Sequence[str]) -> None:
+        await self.faults.check("confirm")
+        await self.inner.confirm(channel, message_ids)
 
     async def subscribe(
         self, channel: ChannelRef, after_id: str | None = None
@@ -174,6 +198,12 @@ class FaultyPermanentStore:
     async def find(self, message_id: str) -> StoredMessage | None:
         await self.faults.check("find")
         return await self.inner.find(message_id)
+
+    async def get_many(
+        self, channel: ChannelRef, message_ids: Sequence[str]
+    ) -> dict[str, StoredMessage]:
+        await self.faults.check("get_many")
+        return await self.inner.get_many(channel, message_ids)
 
     async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:
         await self.faults.check("history")

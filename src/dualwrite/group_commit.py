@@ -49,6 +49,11 @@ class GroupCommitStore:
     async def find(self, message_id: str) -> StoredMessage | None:
         return await self.inner.find(message_id)
 
+    async def get_many(
+        self, channel: ChannelRef, message_ids: Sequence[str]
+    ) -> dict[str, StoredMessage]:
+        return await self.inner.get_many(channel, message_ids)
+
     async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:
         return await self.inner.history(channel, before, limit)
 

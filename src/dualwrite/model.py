@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -192,23 +193,39 @@ _MAX_CURSOR_CHARS = 1024
 
 
 def history_cursor(timestamp: int, message_id: str) -> str:
-    """The ``before`` value that continues a history page after the message it names."""
-    return f"{timestamp}:{message_id}"
+    """The ``before`` value that continues a history page after the message it names.
+
+    Opaque to clients (URL-safe base64): it holds the (`timestamp`, `messageId`) sort key of the
+    last message shown. That one key is all either tier needs to continue exactly: the merged
+    page holds every message of both tiers at or above it, so each tier resumes strictly below
+    it in its own (timestamp, id) index.
+    """
+    raw = f"{_CURSOR_VERSION}:{timestamp}:{message_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+_CURSOR_VERSION = "c1"
+_CURSOR_MAX_CHARS = 128
 
 
 def parse_history_cursor(before: str) -> tuple[int, str]:
+    """The sort key a `history_cursor` holds; `InvalidInput` for anything else."""
     from dualwrite.errors import InvalidInput
 
-    timestamp, sep, message_id = before.partition(":")
-    # ASCII digits only, and few of them: str.isdigit() takes "²", and int() refuses (or
-    # spends its time on) thousands of digits.
-    if (
-        len(before) > _MAX_CURSOR_CHARS
-        or not sep
-        or not _CURSOR_TIME.fullmatch(timestamp)
-        or not message_id
-    ):
-        raise InvalidInput("before", "is not a cursor returned by a history page")
+    refused = InvalidInput("before", "is not a cursor returned by a history page")
+    if len(before) > _CURSOR_MAX_CHARS or not before.isascii():
+        raise refused
+    try:
+        raw = base64.b64decode(before + "=" * (-len(before) % 4), altchars=b"-_", validate=True)
+        version, timestamp, message_id = raw.decode().split(":", 2)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise refused from error
+    if version != _CURSOR_VERSION or not (timestamp.isascii() and timestamp.isdigit()):
+        raise refused
+    if len(timestamp) > 16:
+        raise refused
+    if not message_id or not message_id.isascii() or not message_id.isprintable():
+        raise refused
     return int(timestamp), message_id
 
 

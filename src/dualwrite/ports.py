@@ -71,7 +71,44 @@ class RealtimeTier(Protocol):
         """Unexpired entries with ids greater than ``after_id`` (all if None), in id order."""
         ...
 
-    async def delete(self, channel: ChannelRef, message_id: str) -> None: ...
+    async def read_before(
+        self, channel: ChannelRef, before: tuple[int, str] | None, limit: int
+    ) -> list[RealtimeMessage]:
+        """The newest ``limit`` unexpired entries whose (`timestamp`, id) is strictly below
+        ``before`` (all if None), newest first.
+
+        Served by an index in that order, so the cost is the page, not the channel.
+        """
+        ...
+
+    async def delete(self, channel: ChannelRef, message_id: str) -> None:
+        """Remove the entry (and its place in every index of the channel)."""
+        ...
+
+    async def unconfirmed(
+        self,
+        channel: ChannelRef,
+        after: tuple[int, str] | None,
+        sent_until_ms: int,
+        limit: int,
+    ) -> list[RealtimeMessage]:
+        """Entries `write` recorded as not yet saved and no `confirm` cleared, sent at or
+        before ``sent_until_ms`` and strictly after ``after`` in (`timestamp`, id) order,
+        oldest first. Markers whose entry is gone (expired, deleted) are dropped, not returned.
+
+        The reconciler reads this index, so a round costs what is unsaved, not what is held.
+        """
+        ...
+
+    async def unconfirmed_channels(self, sent_until_ms: int) -> list[ChannelRef]:
+        """The channels that may hold marks sent at or before ``sent_until_ms`` (a superset is
+        allowed), found in as few round trips as the backend allows: a round visits these,
+        not every channel."""
+        ...
+
+    async def confirm(self, channel: ChannelRef, message_ids: Sequence[str]) -> None:
+        """Clear the "not yet saved" marks of messages the permanent store now holds."""
+        ...
 
     def subscribe(
         self, channel: ChannelRef, after_id: str | None = None
@@ -84,11 +121,13 @@ class RealtimeTier(Protocol):
         ...
 
     async def channels(self) -> list[ChannelRef]:
-        """Every channel that may hold unexpired entries (for the reconciler and inspect)."""
+        """Every channel that may hold unexpired entries (for the reconciler and inspect),
+        read from a registry of channels, not by walking the entries."""
         ...
 
     async def sweep_expired(self, now_ms: int) -> int:
-        """Delete entries whose `ttl` has passed; returns how many were deleted."""
+        """Delete entries whose `ttl` has passed, or their index entries where the backend
+        expires the records itself (Redis); returns how many were deleted."""
         ...
 
     async def claim_send(self, key: SendKey, claim: SendClaim, ttl_ms: int) -> SendClaim:
@@ -152,6 +191,12 @@ class PermanentStore(Protocol):
         Ids are made unique, so at most one channel holds one. Slower than `get`: a store
         without an index on the id alone scans, within its call timeout.
         """
+
+    async def get_many(
+        self, channel: ChannelRef, message_ids: Sequence[str]
+    ) -> dict[str, StoredMessage]:
+        """The records of ``channel`` among ``message_ids``, by id, in one round trip (or as
+        few as the store allows); ids not saved are absent."""
         ...
 
     async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:

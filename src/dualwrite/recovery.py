@@ -9,13 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
+from dualwrite._calls import guarded
 from dualwrite.errors import MessageNotFound, NotQueued
 from dualwrite.model import ChannelRef, PermanentWrite, RealtimeMessage, SendStatus, StoredMessage
 from dualwrite.ports import PermanentStore, RealtimeTier
 from dualwrite.retrier import Retrier
 from dualwrite.retry_queue import QueuedWrite, RetryQueue
 from dualwrite.send import MessageSender
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,11 @@ class ManualRecovery:
         if queued is not None and channel in (None, queued.write.channel):
             return "saved" if await self._retrier.attempt(queued) else "pending"
         if channel is None:
-            found = await self._store.find(message_id)
+            found = await self._bounded(
+                self._store.find(message_id),
+                self._sender.limits.permanent_timeout_s,
+                "permanent store",
+            )
             if found is None:
                 raise NotQueued(
                     f"message {message_id} is neither waiting in the retry queue nor saved; "
@@ -65,16 +73,36 @@ class ManualRecovery:
                 )
             channel = found.channel
         # Saved already (by another process, say): say so again, for sockets that missed it.
-        if await self._store.get(channel, message_id) is not None:
+        if await self._stored(channel, message_id) is not None:
             await self._on_saved(channel, message_id)
             return "saved"
-        live = await self._realtime.read(channel, message_id)
+        live = await self._live(channel, message_id)
         if live is None:
             raise MessageNotFound(f"message {message_id} is in neither tier")
-        status = await self._sender.save_or_queue(PermanentWrite.from_realtime(channel, live))
+        # Delivered long ago: if even the queue fails, the message stays where it is.
+        status = await self._sender.save_or_queue(
+            PermanentWrite.from_realtime(channel, live), delivered_earlier=True
+        )
         if status == "saved":
             await self._on_saved(channel, message_id)
         return status
+
+    async def _stored(self, channel: ChannelRef, message_id: str) -> StoredMessage | None:
+        return await self._bounded(
+            self._store.get(channel, message_id),
+            self._sender.limits.permanent_timeout_s,
+            "permanent store",
+        )
+
+    async def _live(self, channel: ChannelRef, message_id: str) -> RealtimeMessage | None:
+        return await self._bounded(
+            self._realtime.read(channel, message_id),
+            self._sender.limits.realtime_timeout_s,
+            "realtime tier",
+        )
+
+    async def _bounded(self, call: Awaitable[_T], timeout_s: float, what: str) -> _T:
+        return await guarded(call, timeout_s, what)
 
     async def inspect(self, message_id: str, channel: ChannelRef | None) -> Inspection:
         """Without ``channel``, the message's channel is found from the retry queue, else by
@@ -85,16 +113,23 @@ class ManualRecovery:
         if channel is None and queued is not None:
             channel = queued.write.channel
         if channel is None:
-            stored = await self._store.find(message_id)
+            stored = await self._bounded(
+                self._store.find(message_id),
+                self._sender.limits.permanent_timeout_s,
+                "permanent store",
+            )
             channel = stored.channel if stored is not None else None
         if channel is None:
             # Not saved: only the realtime tier can still hold it.
-            for candidate in await self._realtime.channels():
-                live = await self._realtime.read(candidate, message_id)
+            candidates = await self._bounded(
+                self._realtime.channels(), self._sender.limits.realtime_timeout_s, "realtime tier"
+            )
+            for candidate in candidates:
+                live = await self._live(candidate, message_id)
                 if live is not None:
                     return Inspection(message_id, candidate, live, None, queued)
             return Inspection(message_id, None, None, None, queued)
-        live = await self._realtime.read(channel, message_id)
+        live = await self._live(channel, message_id)
         if stored is None:
-            stored = await self._store.get(channel, message_id)
+            stored = await self._stored(channel, message_id)
         return Inspection(message_id, channel, live, stored, queued)

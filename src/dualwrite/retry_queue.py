@@ -79,12 +79,22 @@ class RetryQueue:
         found = await self._db.call(_select, "WHERE message_id = ? LIMIT 1", message_id)
         return found[0] if found else None
 
-    async def entries(self, limit: int, user_id: str | None = None) -> list[QueuedWrite]:
-        """Waiting entries in the order they were queued, optionally of one user only."""
-        if user_id is None:
-            return await self._db.call(_select, "ORDER BY enqueued_at, message_id LIMIT ?", limit)
+    async def entries(
+        self, limit: int, user_id: str | None = None, workspace_id: str | None = None
+    ) -> list[QueuedWrite]:
+        """Waiting entries in the order they were queued, optionally of one user (and one
+        workspace) only. The filters apply before the limit."""
+        conditions = [
+            (f"{column} = ?", value)
+            for column, value in (("user_id", user_id), ("workspace_id", workspace_id))
+            if value is not None
+        ]
+        where = " AND ".join(c for c, _ in conditions)
         return await self._db.call(
-            _select, "WHERE user_id = ? ORDER BY enqueued_at, message_id LIMIT ?", user_id, limit
+            _select,
+            (f"WHERE {where} " if where else "") + "ORDER BY enqueued_at, message_id LIMIT ?",
+            *(v for _, v in conditions),
+            limit,
         )
 
     async def count(self) -> int:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dualwrite import metrics
 from dualwrite.backends import BackendContext, create_permanent_store, create_realtime_tier
 from dualwrite.clock import Clock, SystemClock
+from dualwrite.errors import BackendError
 from dualwrite.faults import Faults, FaultyPermanentStore, FaultyRealtimeTier
 from dualwrite.group_commit import GroupCommitStore
 from dualwrite.logs import OutageLog
@@ -54,8 +55,11 @@ def _start_background(app: DualWrite, settings: Settings) -> list[asyncio.Task[N
 
     async def reconcile_round() -> None:
         report = await app.reconcile()
-        if report.persisted or report.failed:
+        if report.persisted:
             log.warning("reconcile: %s", report)
+        if report.failed:
+            # A store that is down fails every round: the outage log says so once, not each time.
+            raise BackendError(f"{report.failed} delivered messages could not be checked or saved")
 
     def outages(name: str) -> OutageLog:
         return OutageLog(log, f"{name} round", settings.outage_reminder_s)
@@ -81,15 +85,16 @@ async def open_dualwrite(
     """Connect the configured backends (or the ones given) and yield a `DualWrite`.
 
     With ``background`` the retrier, the TTL sweeper and the reconciler run until the block
-    exits. Backends
-    passed in are connected and closed here too.
+    exits. Backends passed in are connected and closed here too.
     """
     settings = settings or Settings.from_env()
     clock = clock or SystemClock()
     init_sentry(settings.sentry_dsn)
     context = BackendContext(
         clock=clock,
-        call_timeout_s=max(settings.realtime_timeout_s, settings.permanent_timeout_s),
+        call_timeout_s=settings.permanent_timeout_s,
+        realtime_timeout_s=settings.realtime_timeout_s,
+        realtime_threads=settings.realtime_threads,
         migrate_on_start=settings.migrate_on_start,
         memory_max_bytes=settings.memory_max_bytes,
         memory_max_claims=settings.memory_max_claims,
@@ -136,3 +141,4 @@ async def open_dualwrite(
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await app.sender.confirmations.close()

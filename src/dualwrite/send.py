@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -24,7 +25,7 @@ import sentry_sdk
 from dualwrite import metrics
 from dualwrite._calls import bounded
 from dualwrite.clock import Clock
-from dualwrite.errors import ClientMessageIdReused, InvalidInput, SendFailed
+from dualwrite.errors import BackendError, ClientMessageIdReused, InvalidInput, SendFailed
 from dualwrite.ids import PushIdGenerator
 from dualwrite.model import (
     REALTIME_TTL_MS,
@@ -45,6 +46,10 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
+# How long a saved send's mark waits to be cleared with others (the reconciler's grace period
+# is tens of seconds; this only gathers concurrent saves into one call).
+_CONFIRM_DELAY_S = 0.05
+
 
 @dataclass(frozen=True)
 class SendLimits:
@@ -59,6 +64,52 @@ class SendLimits:
         return cls(
             settings.realtime_timeout_s, settings.permanent_timeout_s, settings.max_text_chars
         )
+
+
+class Confirmations:
+    """Saved messages whose "unconfirmed" marks are still to be cleared.
+
+    Cleared a moment later in batches, off the send's path: a send answers as soon as it is
+    saved, and concurrent saves share one call per channel. A mark left behind (the process
+    died first, or the call failed) costs the reconciler one batched lookup, never a wrong
+    answer; the reconciler flushes these before each round.
+    """
+
+    def __init__(self, realtime: RealtimeTier, timeout_s: float) -> None:
+        self._realtime = realtime
+        self._timeout_s = timeout_s
+        self._pending: dict[ChannelRef, list[str]] = {}
+        self._flush_task: asyncio.Task[None] | None = None
+
+    def add(self, channel: ChannelRef, message_id: str) -> None:
+        self._pending.setdefault(channel, []).append(message_id)
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.create_task(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(_CONFIRM_DELAY_S)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Clear every pending mark now (best effort)."""
+        pending, self._pending = self._pending, {}
+        await asyncio.gather(*(self._clear(c, ids) for c, ids in pending.items()))
+
+    async def _clear(self, channel: ChannelRef, message_ids: list[str]) -> None:
+        try:
+            await bounded(
+                self._realtime.confirm(channel, message_ids), self._timeout_s, "realtime tier"
+            )
+        except Exception as error:
+            log.info("could not clear %d unconfirmed marks: %r", len(message_ids), error)
+
+    async def close(self) -> None:
+        """Flush what is pending and stop."""
+        if self._flush_task is not None:
+            self._flush_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flush_task
+        await self.flush()
 
 
 class MessageSender:
@@ -79,6 +130,7 @@ class MessageSender:
         self._clock = clock
         self.limits = limits
         self._ids = ids or PushIdGenerator(clock.now_ms)
+        self.confirmations = Confirmations(realtime, limits.realtime_timeout_s)
 
     async def send_message(
         self,
@@ -102,7 +154,10 @@ class MessageSender:
                 workspace_id, channel_id, text, user, client_message_id
             )
             await self._write_realtime(channel, message)
-            status = await self.save_or_queue(PermanentWrite.of(channel, message))
+            write = PermanentWrite.of(channel, message)
+            # A repeat keeps the first attempt's time everywhere: the store must not stamp
+            # the time of the repeat (it may come minutes later).
+            status = await self.save_or_queue(write.as_retry() if repeat else write)
             if status == "saved" and repeat:
                 # A repeated send may find its first attempt still queued; it is saved now.
                 await self._queue.remove(channel, message.message_id)
@@ -150,8 +205,14 @@ class MessageSender:
             raise SendFailed() from exc
         metrics.REALTIME_WRITE_SECONDS.observe(time.perf_counter() - started)
 
-    async def save_or_queue(self, write: PermanentWrite) -> SendStatus:
-        """Step 2: the permanent write, or (on failure) report it and queue it durably."""
+    async def save_or_queue(
+        self, write: PermanentWrite, *, delivered_earlier: bool = False
+    ) -> SendStatus:
+        """Step 2: the permanent write, or (on failure) report it and queue it durably.
+
+        ``delivered_earlier``: a manual retry of a message acknowledged long ago. If even the
+        queue fails then, the message stays in the realtime tier and `BackendError` is raised.
+        """
         started = time.perf_counter()
         try:
             await bounded(
@@ -159,13 +220,16 @@ class MessageSender:
             )
         except Exception as exc:
             report_permanent_failure(write, exc)
-            await self._queue_or_unsend(write, exc)
+            await self._queue_or_unsend(write, exc, delivered_earlier)
             metrics.QUEUE_DEPTH.inc()
             return "pending"
         metrics.PERMANENT_WRITE_SECONDS.observe(time.perf_counter() - started)
+        self.confirmations.add(write.channel, write.message_id)
         return "saved"
 
-    async def _queue_or_unsend(self, write: PermanentWrite, error: Exception) -> None:
+    async def _queue_or_unsend(
+        self, write: PermanentWrite, error: Exception, delivered_earlier: bool
+    ) -> None:
         """Queue the write durably before the sender hears "pending".
 
         If even the local queue cannot take it, the message would be delivered yet doomed to
@@ -181,6 +245,9 @@ class MessageSender:
                 queue_error,
             )
             sentry_sdk.capture_exception(queue_error)
+            if delivered_earlier:
+                # Its sender was told long ago; taking it back now would only lose it sooner.
+                raise BackendError("the retry queue is unavailable") from queue_error
             with contextlib.suppress(Exception):
                 await self._bounded_realtime(self._realtime.delete(write.channel, write.message_id))
             raise SendFailed() from queue_error

@@ -11,9 +11,15 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 
 from dualwrite import history
-from dualwrite._calls import bounded
+from dualwrite._calls import bounded, guarded
 from dualwrite.clock import Clock
-from dualwrite.errors import BackendError, BackendUnavailable, DualWriteError, InvalidInput
+from dualwrite.errors import (
+    BackendError,
+    BackendUnavailable,
+    InvalidInput,
+    MessageNotFound,
+    NotQueued,
+)
 from dualwrite.logs import one_line
 from dualwrite.model import (
     ChannelHistory,
@@ -36,6 +42,11 @@ from dualwrite.validation import check_channel, check_id
 log = logging.getLogger(__name__)
 
 _NOTICE_PAUSE_MS = 30_000
+
+
+# What manual retry and inspect answer as such; any other failure (a backend that failed or
+# did not answer in time) becomes one `BackendUnavailable` saying which call could not finish.
+_ANSWERS = (InvalidInput, NotQueued, MessageNotFound, BackendUnavailable)
 
 
 class DualWrite:
@@ -76,9 +87,11 @@ class DualWrite:
             store,
             queue,
             clock,
-            timeout_s=settings.permanent_timeout_s,
+            realtime_timeout_s=settings.realtime_timeout_s,
+            permanent_timeout_s=settings.permanent_timeout_s,
             grace_ms=int(settings.reconcile_grace_s * 1000),
             on_saved=self._announce_saved,
+            batch=settings.reconcile_batch,
         )
         self._recovery = ManualRecovery(
             realtime, store, queue, self.retrier, self.sender, self._announce_saved
@@ -138,7 +151,7 @@ class DualWrite:
         channel = _channel_if_given(workspace_id, channel_id)
         try:
             return await self._recovery.retry(message_id, channel)
-        except DualWriteError:
+        except _ANSWERS:
             raise
         except Exception as error:
             raise BackendUnavailable(f"retry could not finish: {one_line(error)}") from error
@@ -147,13 +160,20 @@ class DualWrite:
         """Manual retry of every queued permanent write."""
         return await self.retrier.retry_all()
 
-    async def pending(self, user_id: str | None = None, limit: int = 1000) -> list[QueuedWrite]:
-        """Writes waiting in this process's retry queue, optionally one user's only."""
-        return await self._queue.entries(limit=limit, user_id=user_id)
+    async def pending(
+        self, user_id: str | None = None, limit: int = 1000, workspace_id: str | None = None
+    ) -> list[QueuedWrite]:
+        """Writes waiting in this process's retry queue, optionally one user's (in one
+        workspace) only."""
+        return await guarded(
+            self._queue.entries(limit=limit, user_id=user_id, workspace_id=workspace_id),
+            self.settings.permanent_timeout_s,
+            "retry queue",
+        )
 
     async def queue_depth(self) -> int:
         """How many writes wait in this process's retry queue."""
-        return await self._queue.count()
+        return await guarded(self._queue.count(), self.settings.permanent_timeout_s, "retry queue")
 
     async def history(
         self,
@@ -244,7 +264,7 @@ class DualWrite:
         channel = _channel_if_given(workspace_id, channel_id)
         try:
             return await self._recovery.inspect(message_id, channel)
-        except DualWriteError:
+        except _ANSWERS:
             raise
         except Exception as error:
             # Never a partial answer: a place that did not answer is not a place without it.
@@ -256,11 +276,16 @@ class DualWrite:
     async def reconcile(self) -> ReconcileReport:
         """Save delivered messages older than the grace period that are neither saved nor
         queued (a process died between the two writes)."""
+        await self.sender.confirmations.flush()  # marks of saves this process already made
         return await self.reconciler.run_once()
 
     async def sweep(self) -> int:
         """Delete expired realtime entries now; returns how many."""
-        return await self._realtime.sweep_expired(self._clock.now_ms())
+        return await guarded(
+            self._realtime.sweep_expired(self._clock.now_ms()),
+            self.settings.sweep_timeout_s,
+            "realtime sweep",
+        )
 
     async def take_tokens(self, requests: Sequence[TokenRequest]) -> float:
         """Rate limits shared by every process on the realtime tier: 0.0 if every bucket had

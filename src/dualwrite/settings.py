@@ -74,6 +74,9 @@ class Settings(_FromEnv):
     """Local SQLite file of the durable retry queue (one per process or host)."""
     realtime_timeout_s: float = 2.0
     """Bound on one realtime-tier call; a send whose realtime write takes longer fails."""
+    realtime_threads: int = 16
+    """Worker threads for a realtime tier whose driver blocks (Firebase), its own pool, so a
+    slow database never queues sends behind other work in asyncio's default pool."""
     permanent_timeout_s: float = 5.0
     """Bound on one permanent-store call; a save that takes longer is queued."""
     max_text_chars: int = 40_000
@@ -82,9 +85,13 @@ class Settings(_FromEnv):
     retry_cap_s: float = 300.0
     retry_poll_s: float = 1.0
     sweep_interval_s: float = 60.0
+    sweep_timeout_s: float = 30.0
+    """Bound on one sweep of the realtime tier (it visits every channel)."""
     reconcile_interval_s: float = 60.0
     reconcile_grace_s: float = 30.0
     """The reconciler leaves messages younger than this to their own send."""
+    reconcile_batch: int = 500
+    """Unsaved marks the reconciler reads and checks (one store lookup) at a time."""
     sentry_dsn: str | None = None
     migrate_on_start: bool = False
     """Create or upgrade the permanent store's schema on connect (else: `dualwrite migrate`)."""
@@ -119,6 +126,7 @@ class Settings(_FromEnv):
             "retry_cap_s",
             "retry_poll_s",
             "sweep_interval_s",
+            "sweep_timeout_s",
             "reconcile_interval_s",
             "reconcile_grace_s",
             "outage_reminder_s",
@@ -126,7 +134,13 @@ class Settings(_FromEnv):
         for name in ("fault_realtime", "fault_permanent"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise BadSetting(f"{self.env_name(name)} must be a probability from 0 to 1")
-        self._positive("group_max_batch", "group_max_in_flight", "max_text_chars")
+        self._positive(
+            "group_max_batch",
+            "group_max_in_flight",
+            "max_text_chars",
+            "realtime_threads",
+            "reconcile_batch",
+        )
         if not (math.isfinite(self.group_max_wait_ms) and self.group_max_wait_ms >= 0):
             raise BadSetting(f"{self.env_name('group_max_wait_ms')} must be 0 or more")
 

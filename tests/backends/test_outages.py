@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from dualwrite import DualWrite, SendFailed, Settings, User, open_dualwrite
 from dualwrite.backends import create_permanent_store
+from dualwrite.errors import BackendError
 from dualwrite.model import ChannelRef
 from dualwrite.tools.proxy import TcpProxy
 from tests.conftest import realtime_url, store_url, unique
@@ -137,3 +138,36 @@ async def test_postgres_cut_off_gives_pending_and_the_write_lands_once_back(
             retrier.cancel()
         stored = await permanent.get(ChannelRef(workspace, "general"), result.message_id)
         assert stored is not None and stored.timestamp == result.timestamp
+
+
+async def test_a_black_holed_postgres_bounds_every_call(
+    tmp_path: Path, postgres_proxy: TcpProxy
+) -> None:
+    """PostgreSQL keeps the connections open and answers nothing: each call gives up within
+    its bound with a clear error (503 over HTTP), and the reconciler's round still ends."""
+    postgres = through(postgres_proxy, store_url("postgres", tmp_path))
+    async with open_dualwrite(
+        settings(tmp_path, realtime_url("redis", tmp_path), postgres), background=False
+    ) as dw:
+        workspace = unique("ws")
+        saved = await dw.send_message(workspace, "general", "before", ADA)
+        assert saved.status == "saved"
+        postgres_proxy.black_hole()
+        try:
+            pending = await dw.send_message(workspace, "general", "during", ADA)
+            assert pending.status == "pending"
+            assert await dw.retry(pending.message_id, workspace, "general") == "pending"
+            for call in (
+                dw.retry(saved.message_id, workspace, "general"),
+                dw.inspect(saved.message_id, workspace, "general"),
+                dw.history(workspace, "general"),
+            ):
+                with pytest.raises(BackendError):
+                    await call
+            # A message some process delivered and never saved, past the grace period.
+            dw.reconciler.grace_ms = 0
+            report = await dw.reconcile()
+            assert report.failed >= 1 and report.persisted == 0
+        finally:
+            postgres_proxy.flow()
+        assert (await dw.retry(pending.message_id, workspace, "general")) == "saved"

@@ -159,3 +159,16 @@ async def test_channels_lists_those_added_and_those_holding_messages(
     assert await store.channels(workspace) == ["a-new", "b-talk", "z-x"]
     # An added channel holds no message.
     assert (await store.history(ChannelRef(workspace, "a-new"), None, 10)).messages == []
+
+
+async def test_get_many_returns_the_saved_records_by_id(
+    store: PermanentStore, channel: ChannelRef
+) -> None:
+    writes = [make_write(channel, f"-m{i}", sent_at=100 + i) for i in range(3)]
+    await store.save_many(writes)
+    other = ChannelRef(channel.workspace_id, "other")
+    await store.save(make_write(other, "-x", sent_at=100))
+    found = await store.get_many(channel, ["-m0", "-m2", "-missing", "-x"])
+    assert sorted(found) == ["-m0", "-m2"]
+    assert found["-m2"] == await store.get(channel, "-m2")
+    assert await store.get_many(channel, []) == {}

@@ -33,7 +33,7 @@ from dualwrite.cli import main
 from dualwrite.clock import SystemClock
 from dualwrite.errors import BackendTimeout
 from dualwrite.ids import time_prefix
-from dualwrite.model import ChannelRef, PermanentWrite
+from dualwrite.model import ChannelRef, PermanentWrite, history_cursor
 from tests.conftest import _CREATED_SCHEMAS, unique
 from tests.support.wait import until
 
@@ -309,7 +309,10 @@ async def test_the_history_index_serves_the_page_in_order_without_a_sort(
             )
         async with store._p.connection() as conn:
             await conn.execute(store._q("ANALYZE {schema}.messages"))
-            for before in (None, f"{start + 200}:{time_prefix(start + 200)}{600:012d}"):
+            for before in (
+                None,
+                history_cursor(start + 200, f"{time_prefix(start + 200)}{600:012d}"),
+            ):
                 query, params = store._history_query(channel, before, 50)
                 cur = await conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) ") + query, params)
                 row = await cur.fetchone()

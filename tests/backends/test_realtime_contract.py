@@ -262,3 +262,96 @@ async def test_published_events_reach_every_listener_of_the_workspace_only(
         await got_other
     for iterator in (first, second, other):
         await cast(AsyncGenerator[LiveEvent, None], iterator).aclose()
+
+
+def at(timestamp: int, message_id: str, text: str = "t") -> RealtimeMessage:
+    return RealtimeMessage(message_id, "u1", "Ada", text, timestamp, timestamp + REALTIME_TTL_MS)
+
+
+async def test_read_before_pages_newest_first_in_time_then_id_order(
+    realtime: RealtimeTier, channel: ChannelRef, clock: ManualClock
+) -> None:
+    now = clock.now_ms()
+    # Three share a millisecond (ordered by id there); ids need not follow the times.
+    messages = [
+        at(now - 5, "-c"),
+        at(now - 3, "-a"),
+        at(now - 3, "-b"),
+        at(now - 3, "-d"),
+        at(now - 1, "-0"),
+    ]
+    for message in reversed(messages):
+        await realtime.write(channel, message)
+    newest_first = messages[::-1]
+    assert await realtime.read_before(channel, None, 10) == newest_first
+    assert await realtime.read_before(channel, None, 2) == newest_first[:2]
+    assert await realtime.read_before(channel, (now - 3, "-d"), 2) == newest_first[2:4]
+    assert await realtime.read_before(channel, (now - 3, "-b"), 10) == newest_first[3:]
+    assert await realtime.read_before(channel, (now - 5, "-c"), 10) == []
+    other = ChannelRef(channel.workspace_id, unique("other"))
+    assert await realtime.read_before(other, None, 10) == []
+
+
+async def test_read_before_skips_expired_and_deleted_entries(
+    realtime: RealtimeTier, channel: ChannelRef, clock: ManualClock, ids: PushIdGenerator
+) -> None:
+    old = make_message(clock, ids, "old")
+    await realtime.write(channel, old)
+    clock.advance(REALTIME_TTL_MS - 1000)
+    kept, gone = make_message(clock, ids, "kept"), make_message(clock, ids, "gone")
+    await realtime.write(channel, kept)
+    await realtime.write(channel, gone)
+    await realtime.delete(channel, gone.message_id)
+    clock.advance(1000)
+    assert await realtime.read_before(channel, None, 10) == [kept]
+
+
+async def test_unconfirmed_lists_what_no_save_confirmed_oldest_first(
+    realtime: RealtimeTier, channel: ChannelRef, clock: ManualClock, ids: PushIdGenerator
+) -> None:
+    messages = []
+    for i in range(5):
+        messages.append(make_message(clock, ids, f"m{i}"))
+        await realtime.write(channel, messages[-1])
+        clock.advance(10)
+    until = messages[3].timestamp
+    assert await realtime.unconfirmed(channel, None, until, 10) == messages[:4]
+    assert await realtime.unconfirmed(channel, None, until, 2) == messages[:2]
+    after = (messages[1].timestamp, messages[1].message_id)
+    assert await realtime.unconfirmed(channel, after, until, 10) == messages[2:4]
+    await realtime.confirm(channel, [messages[0].message_id, messages[2].message_id])
+    await realtime.delete(channel, messages[3].message_id)
+    assert await realtime.unconfirmed(channel, None, clock.now_ms(), 10) == [
+        messages[1],
+        messages[4],
+    ]
+    await realtime.write(channel, messages[0])  # a rewrite marks it again
+    assert (await realtime.unconfirmed(channel, None, clock.now_ms(), 10))[0] == messages[0]
+
+
+async def test_unconfirmed_drops_the_marks_of_expired_entries(
+    realtime: RealtimeTier, channel: ChannelRef, clock: ManualClock, ids: PushIdGenerator
+) -> None:
+    await realtime.write(channel, make_message(clock, ids, "old"))
+    clock.advance(REALTIME_TTL_MS)
+    young = make_message(clock, ids, "young")
+    await realtime.write(channel, young)
+    assert await realtime.unconfirmed(channel, None, clock.now_ms(), 10) == [young]
+
+
+async def test_unconfirmed_channels_lists_the_channels_holding_old_marks(
+    realtime: RealtimeTier, clock: ManualClock, ids: PushIdGenerator
+) -> None:
+    workspace = unique("ws")
+    marked, confirmed = ChannelRef(workspace, "marked"), ChannelRef(workspace, "confirmed")
+    old = make_message(clock, ids, "old")
+    await realtime.write(marked, old)
+    done = make_message(clock, ids, "done")
+    await realtime.write(confirmed, done)
+    await realtime.confirm(confirmed, [done.message_id])
+    listed = [
+        c
+        for c in await realtime.unconfirmed_channels(clock.now_ms())
+        if c.workspace_id == workspace
+    ]
+    assert listed == [marked]

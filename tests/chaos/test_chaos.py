@@ -26,9 +26,12 @@ async def test_nothing_acknowledged_is_lost_or_duplicated_under_real_faults() ->
         "postgresql cut off",
         "serve a killed (SIGKILL)",
         "serve a restarted",
-        "postgresql restored",
+        "postgresql restored; pending messages repeated well after their first attempt",
+        "postgresql black-holed",
+        "postgresql answers again",
     ]
     assert report.queued_at_kill > 0, "the SIGKILL hit a server holding queued writes"
+    assert report.late_repeats > 0, "some pending messages were repeated over 5 s later"
     assert report.acknowledged > 0
     assert report.acknowledged + report.failed == report.sent
     assert report.lost == 0

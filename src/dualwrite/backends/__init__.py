@@ -26,8 +26,12 @@ class BackendContext:
     """What every backend may need besides its URL."""
 
     clock: Clock = field(default_factory=SystemClock)
-    call_timeout_s: float = field(default_factory=lambda: Settings().permanent_timeout_s)
-    """Upper bound for one backend call; drivers that take a timeout are given this one."""
+    call_timeout_s: float = Settings.permanent_timeout_s
+    """Upper bound for one permanent-store call; drivers that take a timeout are given it."""
+    realtime_timeout_s: float = Settings.realtime_timeout_s
+    """Upper bound for one realtime-tier call, given to its driver (socket, HTTP timeouts)."""
+    realtime_threads: int = Settings.realtime_threads
+    """Worker threads of a realtime driver that blocks (firebase-admin): its own pool."""
     migrate_on_start: bool = False
     """Stores with a schema (PostgreSQL) create or upgrade it when they connect."""
     memory_max_bytes: int = Settings.memory_max_bytes

@@ -221,7 +221,9 @@ async def retry(request: Request, identity: Identity) -> Response:
 
 async def queue(request: Request, identity: Identity) -> Response:
     """`GET /api/queue`: the caller's writes waiting in this process's retry queue."""
-    entries = await server_state(request).dw.pending(user_id=identity.user.id)
+    entries = await server_state(request).dw.pending(
+        user_id=identity.user.id, workspace_id=identity.workspace_id
+    )
     return JSONResponse(
         {
             "pending": [
@@ -235,7 +237,6 @@ async def queue(request: Request, identity: Identity) -> Response:
                     "nextAttemptAt": e.next_attempt_at,
                 }
                 for e in entries
-                if e.write.channel.workspace_id == identity.workspace_id
             ]
         }
     )

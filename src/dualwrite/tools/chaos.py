@@ -4,7 +4,9 @@ while real faults are injected, then checks that nothing acknowledged was lost o
 Faults, in order, while messages flow: Redis paused (CLIENT PAUSE), Redis killed and restarted,
 PostgreSQL connections terminated, PostgreSQL cut off (a TCP proxy refuses and drops
 connections), one `serve` process killed with SIGKILL while its retry queue holds what
-PostgreSQL refused and restarted on that queue, then PostgreSQL restored.
+PostgreSQL refused and restarted on that queue, then PostgreSQL restored while the messages it
+refused are repeated (same `clientMessageId`) well after their first attempt, then PostgreSQL
+black-holed (connections open, nothing answered) and healed.
 Redis here is a private `redis-server` with an fsync-always append-only file, as a production
 Redis keeping idempotency keys would be; PostgreSQL is the one given, in a fresh schema.
 """
@@ -23,7 +25,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,7 @@ class ChaosReport:
     queued_at_kill: int = 0
     left_in_queues: int = 0
     failed_but_saved: int = 0
+    late_repeats: int = 0
     faults: list[str] = field(default_factory=list)
 
     @property
@@ -57,7 +60,7 @@ class ChaosReport:
             f"sent={self.sent} acknowledged={self.acknowledged} failed={self.failed} "
             f"lost={self.lost} duplicated={self.duplicated} misdated={self.misdated} "
             f"left_in_queues={self.left_in_queues} failed_but_saved={self.failed_but_saved} "
-            f"queued_at_kill={self.queued_at_kill}"
+            f"queued_at_kill={self.queued_at_kill} late_repeats={self.late_repeats}"
         )
 
 
@@ -212,7 +215,12 @@ async def _environment(postgres_url: str, workdir: Path) -> AsyncIterator[dict[s
                 await c.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
-async def _faults(env: dict[str, Any], spacing_s: float, report: ChaosReport) -> None:
+async def _faults(
+    env: dict[str, Any],
+    spacing_s: float,
+    report: ChaosReport,
+    repeat_late: Callable[[], Awaitable[int]],
+) -> None:
     import psycopg
 
     redis: _Redis = env["redis"]
@@ -245,7 +253,12 @@ async def _faults(env: dict[str, Any], spacing_s: float, report: ChaosReport) ->
     await server_a.start()
     await step("serve a restarted")
     await proxy.restore()
-    await step("postgresql restored")
+    report.late_repeats = await repeat_late()
+    await step("postgresql restored; pending messages repeated well after their first attempt")
+    proxy.black_hole()
+    await step("postgresql black-holed")
+    proxy.flow()
+    await step("postgresql answers again")
 
 
 async def run_chaos(
@@ -273,10 +286,10 @@ async def run_chaos(
             )
             headers = {"authorization": f"Bearer {token}"}
             acked: dict[int, tuple[str, int]] = {}
+            pending_since: dict[int, float] = {}  # answered "pending" (202), at this time
             failed: set[int] = set()
-            duration = spacing_s * 10
+            duration = spacing_s * 13
             interval = duration / max(messages, 1)
-            faults = asyncio.create_task(_faults(env, spacing_s, report))
             started = time.monotonic()
             next_index = 0
             async with aiohttp.ClientSession(headers=headers) as session:
@@ -292,10 +305,27 @@ async def run_chaos(
                             ) as response:
                                 if response.status in (201, 202):
                                     answer = await response.json()
+                                    if (
+                                        acked.setdefault(index, (answer["messageId"], 0))[0]
+                                        != (answer["messageId"])
+                                    ):
+                                        report.duplicated += 1  # a repeat got another id
                                     acked[index] = (answer["messageId"], answer["timestamp"])
+                                    if response.status == 202:
+                                        pending_since.setdefault(index, time.monotonic())
                                     return
                         await asyncio.sleep(0.3)  # the user presses "Retry?" again
                     failed.add(index)
+
+                async def repeat_late() -> int:
+                    """Press "Retry?" on messages answered "pending" over 5 s ago, as their
+                    store comes back: the repeat may be what saves them, and must keep the
+                    first attempt's time."""
+                    late = [i for i, at in pending_since.items() if time.monotonic() - at > 5][:50]
+                    await asyncio.gather(*(send(i) for i in late))
+                    return len(late)
+
+                faults = asyncio.create_task(_faults(env, spacing_s, report, repeat_late))
 
                 async def sender() -> None:
                     nonlocal next_index
@@ -326,7 +356,7 @@ async def run_chaos(
         by_text.setdefault(text, []).append((message_id, int(timestamp)))
     report.acknowledged = len(acked)
     report.failed = len(failed)
-    report.duplicated = sum(len(found) - 1 for found in by_text.values() if len(found) > 1)
+    report.duplicated += sum(len(found) - 1 for found in by_text.values() if len(found) > 1)
     for index, (message_id, sent_at) in acked.items():
         found = by_text.get(f"chaos {index}", [])
         if [m for m, _ in found] != [message_id]:

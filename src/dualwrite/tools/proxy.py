@@ -12,6 +12,8 @@ class TcpProxy:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
@@ -31,7 +33,17 @@ class TcpProxy:
     async def restore(self) -> None:
         await self.start()
 
+    def black_hole(self) -> None:
+        """Keep every connection open, and accept new ones, but forward nothing: a peer that
+        hangs without closing (a partition, a frozen host). Nothing fails; everything waits."""
+        self._flowing.clear()
+
+    def flow(self) -> None:
+        """Forward again what the black hole held, as a healed partition would."""
+        self._flowing.set()
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._flowing.wait()
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
@@ -42,6 +54,7 @@ class TcpProxy:
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(ConnectionError, asyncio.CancelledError):
                 while data := await src.read(65536):
+                    await self._flowing.wait()
                     dst.write(data)
                     await dst.drain()
             dst.transport.abort()

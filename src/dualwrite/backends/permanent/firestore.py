@@ -61,6 +61,11 @@ class FirestorePermanentStore:
 
     async def close(self) -> None:
         if self._client is not None:
+            # AsyncClient.close() closes only its HTTP session; the gRPC channel belongs to
+            # the transport it made on first use, and is closed here.
+            transport = getattr(self._client, "_transport", None)
+            if transport is not None:
+                await transport.close()
             self._client.close()
             self._client = None
 
@@ -112,6 +117,20 @@ class FirestorePermanentStore:
             if len(path) == 6 and path[0] == "workspaces" and path[2] == "channels":
                 return _to_message(ChannelRef(path[1], path[3]), snapshot.to_dict())
         return None
+
+    async def get_many(
+        self, channel: ChannelRef, message_ids: Sequence[str]
+    ) -> dict[str, StoredMessage]:
+        if not message_ids:
+            return {}
+        documents = [self._messages(channel).document(i) for i in message_ids]
+        found: dict[str, StoredMessage] = {}
+        # get_all: one BatchGetDocuments call for the whole list.
+        async for snapshot in self._client.get_all(documents, timeout=self._timeout_s):
+            if snapshot.exists:
+                message = _to_message(channel, snapshot.to_dict())
+                found[message.message_id] = message
+        return found
 
     async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:
         """Pages by whole milliseconds, like every store, though Firestore keeps microseconds:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
 from dualwrite.backends import BackendContext
@@ -21,6 +22,8 @@ class MemoryPermanentStore:
         self._clock = clock
         self._channels: dict[ChannelRef, dict[str, StoredMessage]] = {}
         self._added: set[ChannelRef] = set()
+        # Per channel, (timestamp, id) kept sorted: a page is found by bisection, as an index.
+        self._order: dict[ChannelRef, list[tuple[int, str]]] = {}
 
     async def connect(self) -> None:
         pass
@@ -33,13 +36,15 @@ class MemoryPermanentStore:
         if write.message_id in records:
             return
         now = self._clock.now_ms()
+        timestamp = write.sent_at if write.keep_sent_time else now
+        bisect.insort(self._order.setdefault(write.channel, []), (timestamp, write.message_id))
         records[write.message_id] = StoredMessage(
             channel=write.channel,
             message_id=write.message_id,
             user_id=write.user_id,
             user_name=write.user_name,
             text=write.text,
-            timestamp=write.sent_at if write.keep_sent_time else now,
+            timestamp=timestamp,
             created_at=now,
         )
 
@@ -56,16 +61,20 @@ class MemoryPermanentStore:
                 return records[message_id]
         return None
 
+    async def get_many(
+        self, channel: ChannelRef, message_ids: Sequence[str]
+    ) -> dict[str, StoredMessage]:
+        records = self._channels.get(channel, {})
+        return {i: records[i] for i in message_ids if i in records}
+
     async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:
-        ordered = sorted(
-            self._channels.get(channel, {}).values(),
-            key=lambda m: (m.timestamp, m.message_id),
-            reverse=True,
+        keys = self._order.get(channel, [])
+        end = (
+            len(keys) if before is None else bisect.bisect_left(keys, parse_history_cursor(before))
         )
-        if before is not None:
-            bound = parse_history_cursor(before)
-            ordered = [m for m in ordered if (m.timestamp, m.message_id) < bound]
-        return HistoryPage.from_candidates(ordered[: limit + 1], limit)
+        records = self._channels[channel] if keys else {}
+        newest_first = [records[i] for _, i in reversed(keys[max(0, end - limit - 1) : end])]
+        return HistoryPage.from_candidates(newest_first, limit)
 
     async def add_channel(self, channel: ChannelRef) -> None:
         self._added.add(channel)

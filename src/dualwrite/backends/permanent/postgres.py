@@ -362,6 +362,23 @@ class PostgresPermanentStore:
             row = await cur.fetchone()
         return _to_message(row) if row else None
 
+    async def get_many(
+        self, channel: ChannelRef, message_ids: Sequence[str]
+    ) -> dict[str, StoredMessage]:
+        if not message_ids:
+            return {}
+        await self._ensure_schema()
+        async with self._p.connection() as conn:
+            cur = await conn.execute(
+                self._q(
+                    _SELECT + "WHERE workspace_id = %s AND channel_id = %s "
+                    "AND message_id = ANY(%s::text[])"
+                ),
+                (channel.workspace_id, channel.channel_id, list(message_ids)),
+            )
+            rows = await cur.fetchall()
+        return {row[2]: _to_message(row) for row in rows}
+
     async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:
         query, params = self._history_query(channel, before, limit)
         await self._ensure_schema()

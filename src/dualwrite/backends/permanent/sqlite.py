@@ -86,6 +86,11 @@ class SqlitePermanentStore:
     async def find(self, message_id: str) -> StoredMessage | None:
         return await self._db.call(_find, message_id)
 
+    async def get_many(
+        self, channel: ChannelRef, message_ids: Sequence[str]
+    ) -> dict[str, StoredMessage]:
+        return await self._db.call(_get_many, channel, list(message_ids))
+
     async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:
         bound = parse_history_cursor(before) if before is not None else None
         return await self._db.call(_history, channel, bound, limit)
@@ -158,6 +163,22 @@ def _find(db: sqlite3.Connection, message_id: str) -> StoredMessage | None:
         f"SELECT {_COLUMNS} FROM messages WHERE message_id = ? LIMIT 1", (message_id,)
     ).fetchone()
     return _to_message(row) if row else None
+
+
+def _get_many(
+    db: sqlite3.Connection, channel: ChannelRef, message_ids: list[str]
+) -> dict[str, StoredMessage]:
+    found: dict[str, StoredMessage] = {}
+    # Chunks stay under SQLite's bound-parameter limit (999 on old builds).
+    for start in range(0, len(message_ids), 900):
+        chunk = message_ids[start : start + 900]
+        rows = db.execute(
+            f"SELECT {_COLUMNS} FROM messages WHERE workspace_id = ? AND channel_id = ? "
+            f"AND message_id IN ({', '.join('?' * len(chunk))})",
+            (channel.workspace_id, channel.channel_id, *chunk),
+        ).fetchall()
+        found.update((row[2], _to_message(row)) for row in rows)
+    return found
 
 
 def _history(

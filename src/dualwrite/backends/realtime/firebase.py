@@ -2,7 +2,10 @@
 `firebase-rtdb://127.0.0.1:9000?ns=NAME`), with firebase-admin's `db` module (REST).
 
 The layout is the story's (docs/story.md): `messages/{ws}/{ch}/{id}` =
-{userId, userName, text, timestamp, ttl}.
+{userId, userName, text, timestamp, ttl}. Beside it, `unconfirmed/{ws}/{ch}/{id}` = timestamp
+marks a message not yet confirmed saved; it is set before the message, so every delivered
+message has its mark, and the reconciler reads only these marks. History pages read
+`order_by_child("timestamp")` with `limit_to_last` (needs `".indexOn": ["timestamp"]`).
 firebase-admin blocks, so calls run in worker threads; live updates come from
 `Reference.listen()` (server-sent events, on its own thread, reconnecting by itself) and are
 handed to the event loop. Writes use `child(id).set()`, never `push()`: push is a POST the HTTP
@@ -15,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
@@ -30,7 +35,7 @@ from dualwrite.backends._recent import RecentIds
 from dualwrite.clock import Clock
 from dualwrite.errors import UnknownBackend
 from dualwrite.ids import PushIdGenerator
-from dualwrite.model import ChannelRef, LiveEvent, RealtimeMessage
+from dualwrite.model import REALTIME_TTL_MS, ChannelRef, LiveEvent, RealtimeMessage
 from dualwrite.ports import RealtimeTier, SendClaim, SendKey, TokenRequest
 
 T = TypeVar("T")
@@ -55,14 +60,19 @@ def database_url(url: str) -> tuple[str, bool]:
 
 
 class FirebaseRealtimeTier:
-    def __init__(self, url: str, clock: Clock, timeout_s: float) -> None:
+    def __init__(self, url: str, clock: Clock, timeout_s: float, threads: int) -> None:
         self._url, self._emulated = database_url(url)
         self._clock = clock
         self._timeout_s = timeout_s
+        self._threads = threads
         self._app: firebase_admin.App | None = None
         self._event_ids = PushIdGenerator(clock.now_ms)
+        self._executor: ThreadPoolExecutor | None = None
 
     async def connect(self) -> None:
+        # Its own threads: a call that timed out keeps its thread until httpTimeout (the
+        # realtime bound), and must not hold up anything outside this tier meanwhile.
+        self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix="dualwrite-rtdb")
         self._app = _firebase_app.initialize(
             {"databaseURL": self._url, "httpTimeout": self._timeout_s}, emulated=self._emulated
         )
@@ -70,12 +80,19 @@ class FirebaseRealtimeTier:
     async def close(self) -> None:
         _firebase_app.delete(self._app)
         self._app = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
     def _ref(self, path: str) -> db.Reference:
         return db.reference(path, app=self._app)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.to_thread(fn, *args)
+        if self._executor is None:
+            raise RuntimeError("FirebaseRealtimeTier is not connected")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, functools.partial(fn, *args)
+        )
 
     def _decode(self, message_id: str, data: Any) -> RealtimeMessage | None:
         if not isinstance(data, dict):
@@ -83,7 +100,12 @@ class FirebaseRealtimeTier:
         message = RealtimeMessage.from_wire(message_id, data)
         return None if message.expired(self._clock.now_ms()) else message
 
+    def _marks(self, channel: ChannelRef) -> db.Reference:
+        return self._ref(f"unconfirmed/{channel.workspace_id}/{channel.channel_id}")
+
     async def write(self, channel: ChannelRef, message: RealtimeMessage) -> None:
+        # The mark first: a message that lands (even after its write timed out) has one.
+        await self._run(self._marks(channel).child(message.message_id).set, message.timestamp)
         ref = self._ref(channel.realtime_path).child(message.message_id)
         await self._run(ref.set, message.to_wire())
 
@@ -109,8 +131,82 @@ class FirebaseRealtimeTier:
                 found.append(message)
         return found[:limit]
 
+    async def read_before(
+        self, channel: ChannelRef, before: tuple[int, str] | None, limit: int
+    ) -> list[RealtimeMessage]:
+        query = self._ref(channel.realtime_path).order_by_child("timestamp")
+        if before is not None:
+            query = query.end_at(before[0])
+        # end_at is inclusive and orders ties by key: ask for more while the cursor's own
+        # millisecond could fill the answer. The filter repeats the query on the client, so a
+        # server that ignores queries still gives the right answer.
+        want = limit + 1
+        while True:
+            data = await self._run(query.limit_to_last(want).get) or {}
+            found = []
+            for message_id, value in data.items():
+                message = self._decode(message_id, value)
+                if message is None:
+                    continue
+                if before is None or (message.timestamp, message_id) < before:
+                    found.append(message)
+            found.sort(key=lambda m: (m.timestamp, m.message_id), reverse=True)
+            if len(found) >= limit or len(data) < want:
+                return found[:limit]
+            want *= 2
+
     async def delete(self, channel: ChannelRef, message_id: str) -> None:
         await self._run(self._ref(channel.realtime_path).child(message_id).delete)
+        await self._run(self._marks(channel).child(message_id).delete)
+
+    async def unconfirmed(
+        self,
+        channel: ChannelRef,
+        after: tuple[int, str] | None,
+        sent_until_ms: int,
+        limit: int,
+    ) -> list[RealtimeMessage]:
+        query = self._marks(channel).order_by_value().end_at(sent_until_ms)
+        if after is not None:
+            query = query.start_at(after[0])
+        want = limit + 1
+        while True:
+            marks = await self._run(query.limit_to_first(want).get) or {}
+            keys = sorted(
+                (int(ts), message_id)
+                for message_id, ts in marks.items()
+                if isinstance(ts, int)
+                and ts <= sent_until_ms
+                and (after is None or (ts, message_id) > after)
+            )
+            if len(keys) >= limit or len(marks) < want:
+                break
+            want *= 2
+        found: list[RealtimeMessage] = []
+        gone: dict[str, None] = {}
+        for _, message_id in keys[:limit]:
+            message = await self.read(channel, message_id)
+            if message is None:
+                gone[message_id] = None
+            else:
+                found.append(message)
+        if gone:  # expired or deleted: nothing left to save
+            await self._run(self._marks(channel).update, gone)
+        return found
+
+    async def unconfirmed_channels(self, sent_until_ms: int) -> list[ChannelRef]:
+        # The Realtime Database drops empty nodes: every channel under `unconfirmed/` holds
+        # marks (perhaps younger ones: a superset is allowed).
+        found = []
+        workspaces = await self._run(self._ref("unconfirmed").get, False, True) or {}
+        for workspace in workspaces:
+            channels = await self._run(self._ref(f"unconfirmed/{workspace}").get, False, True)
+            found += [ChannelRef(workspace, channel_id) for channel_id in channels or {}]
+        return sorted(found)
+
+    async def confirm(self, channel: ChannelRef, message_ids: Sequence[str]) -> None:
+        if message_ids:
+            await self._run(self._marks(channel).update, dict.fromkeys(message_ids))
 
     async def subscribe(
         self, channel: ChannelRef, after_id: str | None = None
@@ -177,6 +273,7 @@ class FirebaseRealtimeTier:
         deleted = 0
         for ref in await self.channels():
             deleted += await self._delete_expired(self._ref(ref.realtime_path), now_ms)
+            await self._delete_old_marks(self._marks(ref), now_ms - REALTIME_TTL_MS)
         for workspace in await self._run(self._ref("events").get, False, True) or {}:
             await self._delete_expired(self._ref(f"events/{workspace}"), now_ms)
         # Idempotency keys expire like messages: sends/{ws}/{user}/{clientMessageId}.
@@ -199,6 +296,13 @@ class FirebaseRealtimeTier:
         if expired:
             await self._run(parent.update, expired)
         return len(expired)
+
+    async def _delete_old_marks(self, parent: db.Reference, sent_before_ms: int) -> None:
+        """Marks of messages past their TTL: nothing is left to save."""
+        old = await self._run(parent.order_by_value().end_at(sent_before_ms).get) or {}
+        stale = {k: None for k, v in old.items() if isinstance(v, int) and v <= sent_before_ms}
+        if stale:
+            await self._run(parent.update, stale)
 
     async def claim_send(self, key: SendKey, claim: SendClaim, ttl_ms: int) -> SendClaim:
         ref = self._ref(f"sends/{key.workspace_id}/{key.user_id}/{key.client_message_id}")
@@ -322,4 +426,6 @@ def _stop(registration: db.ListenerRegistration) -> None:
 
 
 def create(url: str, context: BackendContext) -> RealtimeTier:
-    return FirebaseRealtimeTier(url, context.clock, context.call_timeout_s)
+    return FirebaseRealtimeTier(
+        url, context.clock, context.realtime_timeout_s, context.realtime_threads
+    )

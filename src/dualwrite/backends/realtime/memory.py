@@ -9,6 +9,7 @@ may not be saved yet.
 from __future__ import annotations
 
 import asyncio
+import bisect
 from collections.abc import AsyncIterator, Sequence
 
 from dualwrite.backends import BackendContext
@@ -27,6 +28,11 @@ class MemoryRealtimeTier:
         self._max_claims = max_claims
         self._bytes = 0
         self._channels: dict[ChannelRef, dict[str, RealtimeMessage]] = {}
+        # Per channel, (timestamp, id) keys kept sorted: history pages and the reconciler's
+        # "not yet saved" marks are read by bisection, never by walking the channel.
+        self._by_time: dict[ChannelRef, list[tuple[int, str]]] = {}
+        self._by_id: dict[ChannelRef, list[str]] = {}  # for read_since, in id order
+        self._unconfirmed: dict[ChannelRef, list[tuple[int, str]]] = {}
         self._subscribers: dict[ChannelRef, set[asyncio.Queue[RealtimeMessage]]] = {}
         self._claims: dict[SendKey, tuple[SendClaim, int]] = {}
         self._buckets = TokenBuckets(lambda: clock.now_ms() / 1000, max_keys=max_buckets)
@@ -39,16 +45,27 @@ class MemoryRealtimeTier:
         pass
 
     async def write(self, channel: ChannelRef, message: RealtimeMessage) -> None:
-        entries = self._channels.get(channel, {})
-        replaced = entries.get(message.message_id)
-        held = self._bytes - (_size(replaced) if replaced else 0) + _size(message)
+        entries = self._channels.setdefault(channel, {})
+        previous = entries.get(message.message_id)
+        held = self._bytes - (_size(previous) if previous else 0) + _size(message)
         if held > self._max_bytes:
             self.sweep_now()
-            held = self._bytes - (_size(replaced) if replaced else 0) + _size(message)
+            held = self._bytes - (_size(previous) if previous else 0) + _size(message)
         if held > self._max_bytes:
             raise BackendError(f"the memory realtime tier is full ({self._max_bytes} bytes)")
         self._bytes = held
-        self._channels.setdefault(channel, {})[message.message_id] = message
+        entries = self._channels.setdefault(channel, {})  # the sweep may have dropped it
+        if previous is not None:
+            _discard(self._by_time.get(channel), (previous.timestamp, previous.message_id))
+        entries[message.message_id] = message
+        if previous is None:
+            bisect.insort(self._by_id.setdefault(channel, []), message.message_id)
+        key = (message.timestamp, message.message_id)
+        bisect.insort(self._by_time.setdefault(channel, []), key)
+        marks = self._unconfirmed.setdefault(channel, [])
+        if previous is not None:
+            _discard(marks, (previous.timestamp, previous.message_id))
+        bisect.insort(marks, key)
         for queue in self._subscribers.get(channel, ()):
             queue.put_nowait(message)
 
@@ -62,15 +79,82 @@ class MemoryRealtimeTier:
         self, channel: ChannelRef, after_id: str | None, limit: int
     ) -> list[RealtimeMessage]:
         entries = self._channels.get(channel, {})
+        ids = self._by_id.get(channel, [])
         now = self._clock.now_ms()
-        ids = sorted(i for i in entries if after_id is None or i > after_id)
-        live = (entries[i] for i in ids if not entries[i].expired(now))
-        return [m for _, m in zip(range(limit), live, strict=False)]
+        position = 0 if after_id is None else bisect.bisect_right(ids, after_id)
+        found: list[RealtimeMessage] = []
+        while position < len(ids) and len(found) < limit:
+            message = entries[ids[position]]
+            if not message.expired(now):
+                found.append(message)
+            position += 1
+        return found
+
+    async def read_before(
+        self, channel: ChannelRef, before: tuple[int, str] | None, limit: int
+    ) -> list[RealtimeMessage]:
+        keys = self._by_time.get(channel, [])
+        entries = self._channels.get(channel, {})
+        now = self._clock.now_ms()
+        position = len(keys) if before is None else bisect.bisect_left(keys, before)
+        found: list[RealtimeMessage] = []
+        while position > 0 and len(found) < limit:
+            position -= 1
+            message = entries[keys[position][1]]
+            if not message.expired(now):
+                found.append(message)
+        return found
 
     async def delete(self, channel: ChannelRef, message_id: str) -> None:
-        removed = self._channels.get(channel, {}).pop(message_id, None)
-        if removed is not None:
-            self._bytes -= _size(removed)
+        self._remove(channel, message_id)
+
+    def _remove(self, channel: ChannelRef, message_id: str) -> None:
+        message = self._channels.get(channel, {}).pop(message_id, None)
+        if message is not None:
+            self._bytes -= _size(message)
+            ids = self._by_id.get(channel, [])
+            position = bisect.bisect_left(ids, message_id)
+            if position < len(ids) and ids[position] == message_id:
+                del ids[position]
+            key = (message.timestamp, message_id)
+            _discard(self._by_time.get(channel), key)
+            _discard(self._unconfirmed.get(channel), key)
+
+    async def unconfirmed(
+        self,
+        channel: ChannelRef,
+        after: tuple[int, str] | None,
+        sent_until_ms: int,
+        limit: int,
+    ) -> list[RealtimeMessage]:
+        marks = self._unconfirmed.get(channel, [])
+        entries = self._channels.get(channel, {})
+        now = self._clock.now_ms()
+        position = 0 if after is None else bisect.bisect_right(marks, after)
+        found: list[RealtimeMessage] = []
+        while position < len(marks) and len(found) < limit:
+            timestamp, message_id = marks[position]
+            if timestamp > sent_until_ms:
+                break
+            message = entries.get(message_id)
+            if message is None or message.expired(now):
+                del marks[position]  # nothing left to save
+                continue
+            found.append(message)
+            position += 1
+        return found
+
+    async def unconfirmed_channels(self, sent_until_ms: int) -> list[ChannelRef]:
+        return sorted(
+            c for c, marks in self._unconfirmed.items() if marks and marks[0][0] <= sent_until_ms
+        )
+
+    async def confirm(self, channel: ChannelRef, message_ids: Sequence[str]) -> None:
+        entries = self._channels.get(channel, {})
+        for message_id in message_ids:
+            message = entries.get(message_id)
+            if message is not None:
+                _discard(self._unconfirmed.get(channel), (message.timestamp, message_id))
 
     async def subscribe(
         self, channel: ChannelRef, after_id: str | None = None
@@ -112,10 +196,13 @@ class MemoryRealtimeTier:
         for channel, entries in list(self._channels.items()):
             expired = [i for i, m in entries.items() if m.expired(now_ms)]
             for message_id in expired:
-                self._bytes -= _size(entries.pop(message_id))
+                self._remove(channel, message_id)
             deleted += len(expired)
             if not entries:
                 del self._channels[channel]
+                self._by_time.pop(channel, None)
+                self._by_id.pop(channel, None)
+                self._unconfirmed.pop(channel, None)
         return deleted
 
     async def claim_send(self, key: SendKey, claim: SendClaim, ttl_ms: int) -> SendClaim:
@@ -159,6 +246,15 @@ def _size(message: RealtimeMessage) -> int:
         + len(message.message_id)
         + 200
     )
+
+
+def _discard(keys: list[tuple[int, str]] | None, key: tuple[int, str]) -> None:
+    """Remove ``key`` from a sorted list, if it is there."""
+    if keys is None:
+        return
+    position = bisect.bisect_left(keys, key)
+    if position < len(keys) and keys[position] == key:
+        del keys[position]
 
 
 def create(url: str, context: BackendContext) -> RealtimeTier:
