@@ -9,10 +9,17 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
-from dualwrite.model import ChannelRef, HistoryPage, PermanentWrite, RealtimeMessage, StoredMessage
-from dualwrite.ports import PermanentStore, RealtimeTier, SendClaim, SendKey
+from dualwrite.model import (
+    ChannelRef,
+    HistoryPage,
+    PermanentWrite,
+    RealtimeMessage,
+    ReplayPage,
+    StoredMessage,
+)
+from dualwrite.ports import LiveFeed, PermanentStore, RealtimeTier, SendClaim, SendKey
 
 
 class InjectedFault(ConnectionError):
@@ -97,12 +104,16 @@ class FaultyRealtimeTier:
         await self.faults.check("delete")
         await self.inner.delete(channel, message_id)
 
-    async def subscribe(
-        self, channel: ChannelRef, after_id: str | None = None
-    ) -> AsyncIterator[RealtimeMessage]:
-        await self.faults.check("subscribe")
-        async for message in self.inner.subscribe(channel, after_id):
-            yield message
+    async def read_after(self, channel: ChannelRef, cursor: str | None, limit: int) -> ReplayPage:
+        await self.faults.check("read_after")
+        return await self.inner.read_after(channel, cursor, limit)
+
+    async def cursor_at(self, channel: ChannelRef, time_ms: int) -> str:
+        await self.faults.check("cursor_at")
+        return await self.inner.cursor_at(channel, time_ms)
+
+    def live_feed(self) -> LiveFeed:
+        return self.inner.live_feed()
 
     async def channels(self) -> list[ChannelRef]:
         await self.faults.check("channels")

@@ -7,11 +7,19 @@ call and decides what a failure means. Backends do no I/O in their constructors:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from dualwrite.model import ChannelRef, HistoryPage, PermanentWrite, RealtimeMessage, StoredMessage
+from dualwrite.model import (
+    ChannelRef,
+    HistoryPage,
+    LiveEntry,
+    PermanentWrite,
+    RealtimeMessage,
+    ReplayPage,
+    StoredMessage,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,14 +63,21 @@ class RealtimeTier(Protocol):
 
     async def delete(self, channel: ChannelRef, message_id: str) -> None: ...
 
-    def subscribe(
-        self, channel: ChannelRef, after_id: str | None = None
-    ) -> AsyncIterator[RealtimeMessage]:
-        """New entries of the channel as they are written, across processes sharing the tier.
+    async def read_after(self, channel: ChannelRef, cursor: str | None, limit: int) -> ReplayPage:
+        """Up to ``limit`` unexpired writes of the channel after ``cursor``, in write order.
 
-        With ``after_id``, unexpired entries after that id come first, so a reconnecting client
-        misses nothing; no id is yielded twice by one iterator.
+        None reads from the oldest write kept. Raises `CursorExpired` when writes that followed
+        ``cursor`` may be gone (it is older than the tier keeps, or from another incarnation of
+        it), and `InvalidInput` (field "cursor") when it is not a cursor of this tier.
         """
+        ...
+
+    async def cursor_at(self, channel: ChannelRef, time_ms: int) -> str:
+        """A cursor before every write made at or after ``time_ms`` (best effort: clocks)."""
+        ...
+
+    def live_feed(self) -> LiveFeed:
+        """A new reader of the channels it is told to watch; one serves a whole process."""
         ...
 
     async def channels(self) -> list[ChannelRef]:
@@ -79,6 +94,27 @@ class RealtimeTier(Protocol):
         Atomic across processes sharing the tier, and kept as long as a realtime entry.
         """
         ...
+
+
+class LiveFeed(Protocol):
+    """Writes of many channels as they happen, read by one reader (not one per channel)."""
+
+    async def watch(self, channel: ChannelRef) -> None:
+        """Follow ``channel``. Returns once the subscription is in place: every write made
+        after this returns comes out of `next_entries`, so a backlog read afterwards leaves no
+        gap between itself and the live writes."""
+        ...
+
+    def unwatch(self, channel: ChannelRef) -> None:
+        """Stop following ``channel`` (its writes may still come out of a read in flight)."""
+        ...
+
+    async def next_entries(self) -> list[LiveEntry]:
+        """Wait for writes of watched channels: each channel's in write order. A failing tier is
+        retried from where the feed was, so nothing is skipped."""
+        ...
+
+    async def close(self) -> None: ...
 
 
 class PermanentStore(Protocol):

@@ -76,6 +76,8 @@ async def open_dualwrite(
         clock=clock,
         call_timeout_s=max(settings.realtime_timeout_s, settings.permanent_timeout_s),
         migrate_on_start=settings.migrate_on_start,
+        live_streams_per_read=settings.live_streams_per_read,
+        live_replay_window_ms=int(settings.live_replay_window_s * 1000),
     )
     realtime = realtime or create_realtime_tier(settings.realtime_url, context)
     store = store or create_permanent_store(settings.store_url, context)
@@ -103,6 +105,7 @@ async def open_dualwrite(
         stack.push_async_callback(queue.close)
         await queue.open()
         app = DualWrite(settings, realtime, store, queue, clock)
+        stack.push_async_callback(app.live.close)
         metrics.QUEUE_DEPTH.set(await queue.count())
         tasks = _start_background(app, settings) if background else []
         try:

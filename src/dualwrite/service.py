@@ -13,7 +13,8 @@ from dualwrite import history
 from dualwrite._calls import bounded
 from dualwrite.clock import Clock
 from dualwrite.errors import BackendError, InvalidInput
-from dualwrite.model import ChannelHistory, RealtimeMessage, SendResult, SendStatus, User
+from dualwrite.live import LiveHub, LiveLimits
+from dualwrite.model import ChannelHistory, LiveEntry, SendResult, SendStatus, User
 from dualwrite.ports import PermanentStore, RealtimeTier
 from dualwrite.reconciler import Reconciler, ReconcileReport
 from dualwrite.recovery import Inspection, ManualRecovery
@@ -62,6 +63,8 @@ class DualWrite:
             timeout_s=settings.permanent_timeout_s,
             grace_ms=int(settings.reconcile_grace_s * 1000),
         )
+        self.live = LiveHub(realtime, LiveLimits.from_settings(settings))
+        """Live delivery: one feed for the process, shared by every subscriber."""
         self._recovery = ManualRecovery(realtime, store, queue, self.retrier, self.sender)
 
     async def send_message(
@@ -129,18 +132,29 @@ class DualWrite:
         except Exception as error:
             raise BackendError(f"history is unavailable: {error!r}") from error
 
-    def subscribe(
-        self, workspace_id: str, channel_id: str, after_id: str | None = None
-    ) -> AsyncIterator[RealtimeMessage]:
-        """Live messages of a channel; with ``after_id``, what came after it first."""
-        return self._realtime.subscribe(check_channel(workspace_id, channel_id), after_id)
+    async def subscribe(
+        self,
+        workspace_id: str,
+        channel_id: str,
+        *,
+        cursor: str | None = None,
+        after_id: str | None = None,
+    ) -> AsyncIterator[LiveEntry]:
+        """Live writes of a channel, each with the cursor to resume after it (`dualwrite.live`).
 
-    async def replay(
-        self, workspace_id: str, channel_id: str, after_id: str | None, limit: int
-    ) -> list[RealtimeMessage]:
-        """Unexpired realtime entries after ``after_id`` (all if None), in id order."""
+        With ``cursor`` (or, best effort, ``after_id``) what came after it comes first. Raises
+        `CursorExpired` (reload history), `InvalidInput` or `Overflowed` (resume after the last
+        cursor) from the iteration.
+        """
         channel = check_channel(workspace_id, channel_id)
-        return await self._realtime.read_since(channel, after_id, limit)
+        if after_id is not None:
+            check_id("after", after_id)
+        async with self.live.listen(channel, cursor=cursor, after_id=after_id) as entries:
+            try:
+                async for entry in entries:
+                    yield entry
+            finally:
+                await entries.aclose()  # type: ignore[attr-defined]
 
     async def inspect(
         self, message_id: str, workspace_id: str | None = None, channel_id: str | None = None

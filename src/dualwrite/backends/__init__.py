@@ -29,6 +29,10 @@ class BackendContext:
     """Upper bound for one backend call; drivers that take a timeout are given this one."""
     migrate_on_start: bool = False
     """Stores with a schema (PostgreSQL) create or upgrade it when they connect."""
+    live_streams_per_read: int = 1000
+    """Channels one live reader follows in one blocking read (Redis: streams per XREAD)."""
+    live_replay_window_ms: int = 60_000
+    """Firebase: a resume replays this much before its cursor (ids follow creation order)."""
 
 
 REALTIME_BACKENDS: dict[str, str] = {

@@ -1,8 +1,12 @@
 """`/ws/workspaces/{ws}/channels/{ch}`: live delivery of a channel to one socket.
 
 The socket authenticates (a `?token=` or a first frame `{"token": ...}`), then receives one
-JSON frame per message: with `?after=<id>`, what came after that id first. A socket too slow
-for its buffer is closed with 1013 and resumes with `?after=` its last id.
+JSON frame per message, each with the `cursor` to resume after it: with `?cursor=`, what came
+after that cursor first, in write order (`?after=<id>`: best effort, see `dualwrite.live`).
+Every message reaches the socket at least once, in write order; clients drop repeated ids.
+Closes: 1013 too slow (resume with `?cursor=` the last cursor received: nothing before it was
+dropped), 4410 the cursor is older than the realtime tier keeps (reload history, then connect
+without a cursor), 4422 a malformed cursor or id.
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ import json
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from dualwrite import metrics
-from dualwrite.errors import InvalidInput
+from dualwrite.errors import CursorExpired, InvalidInput
+from dualwrite.live import Overflowed
 from dualwrite.model import ChannelRef
 from dualwrite.server.auth import Identity, Unauthorized
-from dualwrite.server.live import Overflowed
+from dualwrite.server.live import encode
 from dualwrite.server.state import server_state
 from dualwrite.validation import check_channel, check_id
 
@@ -33,6 +38,9 @@ async def live(websocket: WebSocket) -> None:
         after = websocket.query_params.get("after") or None
         if after is not None:
             check_id("after", after)
+        cursor = websocket.query_params.get("cursor") or None
+        if cursor is not None and (len(cursor) > 100 or not cursor.isascii()):
+            raise InvalidInput("cursor", "is not a cursor")
     except InvalidInput as error:
         await websocket.close(4422, reason=str(error)[:100])
         return
@@ -41,20 +49,23 @@ async def live(websocket: WebSocket) -> None:
         return
     metrics.WEBSOCKETS.inc()
     try:
-        await _deliver(websocket, channel, after)
+        await _deliver(websocket, channel, cursor, after)
     except (WebSocketDisconnect, RuntimeError):
         pass
     finally:
         metrics.WEBSOCKETS.dec()
 
 
-async def _deliver(websocket: WebSocket, channel: ChannelRef, after: str | None) -> None:
-    """Forward frames until the client leaves or falls too far behind."""
-    async with server_state(websocket).hub.listen(channel, after) as frames:
+async def _deliver(
+    websocket: WebSocket, channel: ChannelRef, cursor: str | None, after: str | None
+) -> None:
+    """Forward frames until the client leaves, falls too far behind, or cannot resume."""
+    hub = server_state(websocket).dw.live
+    async with hub.listen(channel, cursor=cursor, after_id=after) as entries:
 
         async def forward() -> None:
-            async for frame in frames:
-                await websocket.send_text(frame)
+            async for entry in entries:
+                await websocket.send_text(encode(entry))
 
         sender = asyncio.create_task(forward())
         reader = asyncio.create_task(_drain_client(websocket))
@@ -62,8 +73,15 @@ async def _deliver(websocket: WebSocket, channel: ChannelRef, after: str | None)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        if sender in done and isinstance(sender.exception(), Overflowed):
-            await websocket.close(1013, reason="too slow: reconnect with ?after=<last id>")
+        failure = sender.exception() if sender in done else None
+        if isinstance(failure, Overflowed):
+            await websocket.close(1013, reason="too slow: reconnect with ?cursor=<last cursor>")
+        elif isinstance(failure, CursorExpired):
+            await websocket.close(4410, reason="cursor too old: reload history")
+        elif isinstance(failure, InvalidInput):
+            await websocket.close(4422, reason=str(failure)[:100])
+        elif failure is not None:
+            raise failure
 
 
 async def _identify(websocket: WebSocket) -> Identity:

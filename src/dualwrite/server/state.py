@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from starlette.requests import HTTPConnection
 
 from dualwrite.server.auth import Authenticator, TokenSigner
-from dualwrite.server.live import LiveHub
 from dualwrite.server.ratelimit import RateLimiter
 from dualwrite.service import DualWrite
 from dualwrite.settings import ServerSettings
@@ -20,23 +19,15 @@ class ServerState:
     authenticator: Authenticator
     limiter: RateLimiter
     _dw: DualWrite | None = field(default=None, init=False)
-    _hub: LiveHub | None = field(default=None, init=False)
 
     def started(self, dw: DualWrite) -> None:
         self._dw = dw
-        self._hub = LiveHub(dw)
 
     @property
     def dw(self) -> DualWrite:
         if self._dw is None:
             raise RuntimeError("the server's lifespan has not started")
         return self._dw
-
-    @property
-    def hub(self) -> LiveHub:
-        if self._hub is None:
-            raise RuntimeError("the server's lifespan has not started")
-        return self._hub
 
 
 def server_state(connection: HTTPConnection) -> ServerState:

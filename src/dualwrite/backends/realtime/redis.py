@@ -3,16 +3,22 @@
 Per channel, under one hash tag so a cluster keeps them on one slot:
 - `{prefix}{ws/ch}:msg:{id}`: the record (JSON), expiring by Redis's own TTL at `ttl`;
 - `{prefix}{ws/ch}:index`: a sorted set of the channel's ids, for reads in id order;
-- `{prefix}{ws/ch}:stream`: a stream of every write, trimmed to the last hour, which live
-  subscribers read from their last position, so a reconnect misses nothing (pub/sub would).
+- `{prefix}{ws/ch}:stream`: a stream of every write, trimmed to the last hour. Its entry ids
+  are the live cursors: they follow write order (a rewrite is a new entry), and a client that
+  resumes after one misses nothing (pub/sub would). `max-deleted-entry-id` tells a cursor whose
+  successors were trimmed away (`CursorExpired`).
 A write touches all three in one Lua call, so a reader never sees half of it; concurrent writes
-travel together in one pipeline.
+travel together in one pipeline. Live delivery is one `LiveFeed` per process: a few readers,
+each one connection blocking in XREAD over up to `live_streams_per_read` streams at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
+import logging
+import re
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -20,11 +26,13 @@ import redis.asyncio as aioredis
 
 from dualwrite._coalesce import Coalescer
 from dualwrite.backends import BackendContext
-from dualwrite.backends._recent import RecentIds
 from dualwrite.clock import Clock
+from dualwrite.errors import CursorExpired, InvalidInput
 from dualwrite.ids import time_prefix
-from dualwrite.model import REALTIME_TTL_MS, ChannelRef, RealtimeMessage
-from dualwrite.ports import RealtimeTier, SendClaim, SendKey
+from dualwrite.model import REALTIME_TTL_MS, ChannelRef, LiveEntry, RealtimeMessage, ReplayPage
+from dualwrite.ports import LiveFeed, RealtimeTier, SendClaim, SendKey
+
+log = logging.getLogger(__name__)
 
 _WRITE = """
 local t = redis.call('TIME')
@@ -40,19 +48,29 @@ return sid
 """
 
 _BLOCK_MS = 1000
+_PER_STREAM = 500
+"""Entries one XREAD takes from each stream."""
+_STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
 
 
 class RedisRealtimeTier:
     def __init__(
-        self, url: str, prefix: str, clock: Clock, timeout_s: float, max_connections: int = 64
+        self,
+        url: str,
+        prefix: str,
+        clock: Clock,
+        timeout_s: float,
+        streams_per_read: int,
+        max_connections: int = 64,
     ) -> None:
         self._url = url
         self._prefix = prefix
         self._clock = clock
         self._timeout_s = timeout_s
         self._max_connections = max_connections
+        self.streams_per_read = streams_per_read
+        self._options: dict[str, Any] = {}
         self._redis: aioredis.Redis | None = None
-        self._listen_redis: aioredis.Redis | None = None
         self._write_script: Any = None
         self._writes: Coalescer[tuple[ChannelRef, RealtimeMessage]] = Coalescer(
             self._write_many, self._write_one, max_batch=256, max_in_flight=8
@@ -71,17 +89,29 @@ class RedisRealtimeTier:
             self._url, max_connections=self._max_connections, timeout=self._timeout_s, **options
         )
         self._redis = aioredis.Redis(connection_pool=pool)
-        # Live subscriptions block on XREAD; they get their own connections, so that they can
-        # never starve the writes.
-        self._listen_redis = aioredis.Redis.from_url(self._url, **options)
+        self._options = options
         self._write_script = self._redis.register_script(_WRITE)
         await self._redis.script_load(_WRITE)
 
     async def close(self) -> None:
-        for client in (self._redis, self._listen_redis):
-            if client is not None:
-                await client.aclose()
-        self._redis = self._listen_redis = None
+        if self._redis is not None:
+            await self._redis.aclose()
+        self._redis = None
+
+    def reader_connection(self) -> Any:
+        """A connection of its own for a live reader: a blocking XREAD never holds a pooled
+        connection the writes need."""
+        return aioredis.Redis.from_url(self._url, single_connection_client=True, **self._options)
+
+    def stream_key(self, channel: ChannelRef) -> str:
+        return self._key(channel, "stream")
+
+    def decode_entry(self, channel: ChannelRef, entry_id: str, fields: Any) -> LiveEntry | None:
+        """A stream entry as a `LiveEntry`, unless expired by the (injectable) clock."""
+        message = RealtimeMessage.from_wire(fields["id"], json.loads(fields["data"]))
+        if message.expired(self._clock.now_ms()):
+            return None
+        return LiveEntry(channel, message, entry_id)
 
     @property
     def _r(self) -> Any:
@@ -163,30 +193,47 @@ class RedisRealtimeTier:
             pipe.zrem(self._key(channel, "index"), message_id)
             await pipe.execute()
 
-    async def subscribe(
-        self, channel: ChannelRef, after_id: str | None = None
-    ) -> AsyncIterator[RealtimeMessage]:
-        stream = self._key(channel, "stream")
-        # Take the stream position before reading the backlog: what is written in between
-        # arrives twice at most, and `seen` drops the repeat.
-        last = await self._r.xrevrange(stream, "+", "-", count=1)
-        position = last[0][0] if last else "0-0"
-        seen = RecentIds()
-        if after_id is not None:
-            for message in await self.read_since(channel, after_id, 1_000_000):
-                seen.first_time(message.message_id)
-                yield message
-        while True:
-            listener: Any = self._listen_redis
-            batches = await listener.xread({stream: position}, count=500, block=_BLOCK_MS)
-            for _, entries in batches or ():
-                for entry_id, fields in entries:
-                    position = entry_id
-                    message = RealtimeMessage.from_wire(fields["id"], json.loads(fields["data"]))
-                    if not message.expired(self._clock.now_ms()) and seen.first_time(
-                        message.message_id
-                    ):
-                        yield message
+    async def read_after(self, channel: ChannelRef, cursor: str | None, limit: int) -> ReplayPage:
+        if cursor is not None and not _STREAM_ID.fullmatch(cursor):
+            raise InvalidInput("cursor", "is not a cursor of this realtime tier")
+        stream = self.stream_key(channel)
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.xrange(stream, "-" if cursor is None else f"({cursor}", "+", count=limit)
+            pipe.xinfo_stream(stream)
+            raw, info = await pipe.execute(raise_on_error=False)
+        if isinstance(raw, Exception):
+            raise raw
+        if cursor is not None:
+            self._check_kept(cursor, None if isinstance(info, Exception) else info)
+        entries = []
+        for entry_id, fields in raw:
+            entry = self.decode_entry(channel, entry_id, fields)
+            if entry is not None:
+                entries.append(entry)
+        last = raw[-1][0] if raw else (cursor or "0-0")
+        return ReplayPage(entries, last, caught_up=len(raw) < limit)
+
+    def _check_kept(self, cursor: str, info: dict[str, Any] | None) -> None:
+        """Raise `CursorExpired` if an entry after ``cursor`` may have been trimmed away."""
+        position = _position(cursor)
+        if info is None:
+            # No stream: it expired an hour after its last write, or Redis lost it. Either way
+            # whatever followed the cursor is no longer here.
+            if position > (0, 0):
+                raise CursorExpired(f"cursor {cursor!r} is older than the realtime tier keeps")
+            return
+        # Trimmed past the cursor (Redis 7 tells), or so old that it may have been.
+        deleted = info.get("max-deleted-entry-id")
+        trimmed = deleted is not None and position < _position(str(deleted))
+        if trimmed or position[0] < self._clock.now_ms() - REALTIME_TTL_MS:
+            raise CursorExpired(f"cursor {cursor!r} is older than the realtime tier keeps")
+
+    async def cursor_at(self, channel: ChannelRef, time_ms: int) -> str:
+        # Stream ids start with Redis's own clock in ms: best effort across clocks.
+        return f"{time_ms - 1}-{2**64 - 1}" if time_ms > 0 else "0-0"
+
+    def live_feed(self) -> LiveFeed:
+        return _RedisFeed(self)
 
     async def channels(self) -> list[ChannelRef]:
         found = set()
@@ -221,10 +268,156 @@ class RedisRealtimeTier:
         return SendClaim(message_id, int(timestamp), fingerprint)
 
 
+def _position(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class _Reader:
+    """One connection blocking in XREAD over a share of the watched channels' streams."""
+
+    def __init__(self, feed: _RedisFeed) -> None:
+        self.feed = feed
+        self.positions: dict[ChannelRef, str] = {}
+        self._changed = asyncio.Event()
+        self._blocked_id: int | None = None
+        self._closed = False
+        self.task = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        # A flag as well as a cancel: a cancel that lands as redis-py's read times out can come
+        # out as a TimeoutError (asyncio.timeout in Python 3.11), which the loop would retry.
+        self._closed = True
+        self._wake()
+        self.task.cancel()
+        await asyncio.wait({self.task}, timeout=5)
+
+    def add(self, channel: ChannelRef, position: str) -> None:
+        self.positions[channel] = position
+        self._wake()
+
+    def remove(self, channel: ChannelRef) -> None:
+        self.positions.pop(channel, None)
+
+    def _wake(self) -> None:
+        """A blocked XREAD does not see a new stream: unblock it to start again with it."""
+        self._changed.set()
+        if self._blocked_id is not None:
+            self.feed.unblock(self._blocked_id)
+
+    async def _run(self) -> None:
+        tier = self.feed.tier
+        connection = tier.reader_connection()
+        client_id: int | None = None  # asked again after a failure: a reconnect changes it
+        failures = 0
+        try:
+            while not self._closed:
+                if not self.positions:
+                    self._changed.clear()
+                    await self._changed.wait()
+                    continue
+                watched = dict(self.positions)
+                keys = {tier.stream_key(channel): channel for channel in watched}
+                try:
+                    if client_id is None:
+                        client_id = int(await connection.client_id())
+                    self._blocked_id = client_id
+                    self._changed.clear()
+                    reply = await connection.xread(
+                        {k: watched[c] for k, c in keys.items()}, count=_PER_STREAM, block=_BLOCK_MS
+                    )
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:
+                    # The positions stay: once Redis answers again, nothing is skipped.
+                    failures += 1
+                    client_id = None
+                    if failures == 1:
+                        log.warning("live reader failed, retrying: %r", error)
+                    await asyncio.sleep(min(5.0, 0.2 * 2**failures))
+                    continue
+                finally:
+                    self._blocked_id = None
+                failures = 0
+                self._dispatch(keys, reply or ())
+        finally:
+            await connection.aclose()
+
+    def _dispatch(self, keys: dict[str, ChannelRef], reply: Any) -> None:
+        entries: list[LiveEntry] = []
+        for key, stream_entries in reply:
+            channel = keys[key]
+            if channel not in self.positions:
+                continue  # unwatched while the read was out
+            for entry_id, fields in stream_entries:
+                self.positions[channel] = entry_id
+                entry = self.feed.tier.decode_entry(channel, entry_id, fields)
+                if entry is not None:
+                    entries.append(entry)
+        if entries:
+            self.feed.out.put_nowait(entries)
+
+
+class _RedisFeed:
+    """Every watched channel of a process, over ceil(channels / streams_per_read) readers."""
+
+    def __init__(self, tier: RedisRealtimeTier) -> None:
+        self.tier = tier
+        self.out: asyncio.Queue[list[LiveEntry]] = asyncio.Queue()
+        self._readers: list[_Reader] = []
+        self._reader_of: dict[ChannelRef, _Reader] = {}
+        self._unblocks: set[asyncio.Task[Any]] = set()
+
+    async def watch(self, channel: ChannelRef) -> None:
+        # In place once the position is fixed: every later write gets a greater stream id.
+        last = await self.tier._r.xrevrange(self.tier.stream_key(channel), "+", "-", count=1)
+        position = last[0][0] if last else "0-0"
+        if channel in self._reader_of:
+            return
+        reader = next(
+            (r for r in self._readers if len(r.positions) < self.tier.streams_per_read), None
+        )
+        if reader is None:
+            reader = _Reader(self)
+            self._readers.append(reader)
+        self._reader_of[channel] = reader
+        reader.add(channel, position)
+
+    def unwatch(self, channel: ChannelRef) -> None:
+        reader = self._reader_of.pop(channel, None)
+        if reader is not None:
+            reader.remove(channel)
+
+    def unblock(self, client_id: int) -> None:
+        task = asyncio.create_task(self.tier._r.client_unblock(client_id))
+        self._unblocks.add(task)
+        task.add_done_callback(self._unblocks.discard)
+
+    async def next_entries(self) -> list[LiveEntry]:
+        entries = await self.out.get()
+        while not self.out.empty():
+            entries += self.out.get_nowait()
+        return entries
+
+    async def close(self) -> None:
+        await asyncio.gather(*(r.close() for r in self._readers), return_exceptions=True)
+        for task in self._unblocks:
+            task.cancel()
+        await asyncio.gather(*self._unblocks, return_exceptions=True)
+        self._readers.clear()
+
+
 def create(url: str, context: BackendContext) -> RealtimeTier:
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query))
     prefix = query.pop("prefix", "dualwrite:")
     max_connections = int(query.pop("max_connections", "64"))
     clean = urlunsplit(parts._replace(query=urlencode(query)))
-    return RedisRealtimeTier(clean, prefix, context.clock, context.call_timeout_s, max_connections)
+    return RedisRealtimeTier(
+        clean,
+        prefix,
+        context.clock,
+        context.call_timeout_s,
+        context.live_streams_per_read,
+        max_connections,
+    )
