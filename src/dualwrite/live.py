@@ -62,6 +62,7 @@ class _Listener:
         self._ready = asyncio.Event()
         self.replaying = True
         self.overflowed = False
+        self.overflow = asyncio.Event()
 
     def offer(self, entry: LiveEntry) -> None:
         if self.overflowed:
@@ -73,6 +74,7 @@ class _Listener:
             else:
                 # Nothing is dropped from the front: what the client got stays its resume point.
                 self.overflowed = True
+                self.overflow.set()
                 self._ready.set()
                 return
         self._entries.append(entry)
@@ -90,6 +92,21 @@ class _Listener:
         entries = list(self._entries)
         self._entries.clear()
         return entries
+
+
+class Subscription:
+    """One listener's entries (iterate it) and its overflow, which is set the moment it
+    happens: a consumer stuck sending to a stalled client learns of it without iterating."""
+
+    def __init__(self, entries: AsyncIterator[LiveEntry], overflow: asyncio.Event) -> None:
+        self._entries = entries
+        self.overflow = overflow
+
+    def __aiter__(self) -> AsyncIterator[LiveEntry]:
+        return self._entries
+
+    async def aclose(self) -> None:
+        await self._entries.aclose()  # type: ignore[attr-defined]
 
 
 @dataclass(eq=False)
@@ -149,7 +166,7 @@ class LiveHub:
     @contextlib.asynccontextmanager
     async def listen(
         self, channel: ChannelRef, *, cursor: str | None = None, after_id: str | None = None
-    ) -> AsyncIterator[AsyncIterator[LiveEntry]]:
+    ) -> AsyncIterator[Subscription]:
         """Entries of ``channel`` from the given start (see the module docstring).
 
         Raises `CursorExpired`, `InvalidInput` (a cursor of no tier) and `Overflowed` from the
@@ -164,7 +181,9 @@ class LiveHub:
         entry.listeners.add(listener)
         try:
             await asyncio.shield(entry.watching)
-            yield self._entries(channel, listener, cursor, after_id)
+            yield Subscription(
+                self._entries(channel, listener, cursor, after_id), listener.overflow
+            )
         finally:
             entry.listeners.discard(listener)
             if not entry.listeners:

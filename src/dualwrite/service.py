@@ -154,7 +154,7 @@ class DualWrite:
                 async for entry in entries:
                     yield entry
             finally:
-                await entries.aclose()  # type: ignore[attr-defined]
+                await entries.aclose()
 
     async def inspect(
         self, message_id: str, workspace_id: str | None = None, channel_id: str | None = None

@@ -61,27 +61,33 @@ async def _deliver(
 ) -> None:
     """Forward frames until the client leaves, falls too far behind, or cannot resume."""
     hub = server_state(websocket).dw.live
-    async with hub.listen(channel, cursor=cursor, after_id=after) as entries:
+    async with hub.listen(channel, cursor=cursor, after_id=after) as subscription:
 
         async def forward() -> None:
-            async for entry in entries:
+            async for entry in subscription:
                 await websocket.send_text(encode(entry))
 
         sender = asyncio.create_task(forward())
         reader = asyncio.create_task(_drain_client(websocket))
-        done, pending = await asyncio.wait({sender, reader}, return_when=asyncio.FIRST_COMPLETED)
+        # A client that stops reading blocks `send_text`: its overflow is watched on its own.
+        stalled = asyncio.create_task(subscription.overflow.wait())
+        tasks = {sender, reader, stalled}
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         failure = sender.exception() if sender in done else None
-        if isinstance(failure, Overflowed):
-            await websocket.close(1013, reason="too slow: reconnect with ?cursor=<last cursor>")
-        elif isinstance(failure, CursorExpired):
-            await websocket.close(4410, reason="cursor too old: reload history")
-        elif isinstance(failure, InvalidInput):
-            await websocket.close(4422, reason=str(failure)[:100])
-        elif failure is not None:
-            raise failure
+        if stalled in done:
+            failure = Overflowed()
+    # The listener is released before a close that may wait for the client to read.
+    if isinstance(failure, Overflowed):
+        await websocket.close(1013, reason="too slow: reconnect with ?cursor=<last cursor>")
+    elif isinstance(failure, CursorExpired):
+        await websocket.close(4410, reason="cursor too old: reload history")
+    elif isinstance(failure, InvalidInput):
+        await websocket.close(4422, reason=str(failure)[:100])
+    elif failure is not None:
+        raise failure
 
 
 async def _identify(websocket: WebSocket) -> Identity:
