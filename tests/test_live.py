@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -250,3 +253,33 @@ async def test_the_last_listener_leaving_releases_the_channel(
         for stream in streams:
             await stream.aclose()  # type: ignore[attr-defined]
         assert dw.live.watched == 0
+
+
+@pytest.mark.firebase
+async def test_a_slow_firebase_listen_misses_nothing_written_while_it_opens(
+    tmp_path: Path, channel: ChannelRef, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Case 4 on Firebase itself: `Reference.listen()` slowed, as on a slow network."""
+    from firebase_admin import db
+
+    listening = threading.Event()
+    original = db.Reference.listen
+
+    def slow_listen(self: db.Reference, callback: Any) -> Any:
+        listening.set()
+        time.sleep(1.0)
+        return original(self, callback)
+
+    monkeypatch.setattr(db.Reference, "listen", slow_listen)
+    async with running("firebase-rest", tmp_path) as dw:
+        seen = await send(dw, channel, "seen")
+        stream = dw.subscribe(channel.workspace_id, channel.channel_id, after_id=seen)
+        first = asyncio.ensure_future(anext(stream))
+        await asyncio.to_thread(listening.wait, 5)
+        during = await send(dw, channel, "while listen() opens")
+        got = [await asyncio.wait_for(first, 20)]
+        after = await send(dw, channel, "after")
+        while after not in unique_ids(got):
+            got += await take(stream, 1)
+        assert unique_ids(got) == [during, after]
+        await stream.aclose()  # type: ignore[attr-defined]
