@@ -140,7 +140,7 @@ async def test_read_after_a_cursor_older_than_kept_is_expired(
     await realtime.write(channel, make_message(clock, ids, "new"))
     with pytest.raises(CursorExpired):
         await realtime.read_after(channel, old, 10)
-    for bad in ("nonsense", "1.2.3", "-", "x" * 200):
+    for bad in ("nonsense", "1.2.3", "-", "x" * 200, "99999999999999999999-1", "1-" + "9" * 20):
         with pytest.raises((InvalidInput, CursorExpired)):
             await realtime.read_after(channel, bad, 10)
 

@@ -24,6 +24,7 @@ from dualwrite.clock import SystemClock
 from dualwrite.ids import PushIdGenerator
 from dualwrite.model import REALTIME_TTL_MS, ChannelRef, RealtimeMessage
 from tests.conftest import realtime_url, store_url, unique
+from tests.server.conftest import Api
 from tests.server.test_processes import mint
 from tests.support.servers import serve_process
 
@@ -215,3 +216,20 @@ def test_a_malformed_cursor_closes_4422(server: Server, query: str) -> None:
     with server.socket(unique("c"), query) as socket, pytest.raises(ConnectionClosed) as closed:
         socket.recv(10)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4422
+
+
+def test_a_tier_that_fails_closes_1011_and_the_client_resumes_once_it_is_back(api: Api) -> None:
+    url = f"{api.ws_base}/ws/workspaces/acme/channels/general?token={api.token()}"
+    send = "/api/workspaces/acme/channels/general/messages"
+    with connect(url) as socket:
+        settle(socket)
+        api.client.post(send, headers=api.auth(), json={"text": "first"})
+        cursor = frames(socket, 1)[0]["cursor"]
+    missed = api.client.post(send, headers=api.auth(), json={"text": "missed"}).json()
+    api.realtime_faults.fail()
+    with connect(f"{url}&cursor={cursor}") as socket, pytest.raises(ConnectionClosed) as closed:
+        socket.recv(10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+    api.realtime_faults.heal()
+    with connect(f"{url}&cursor={cursor}") as socket:
+        assert frames(socket, 1)[0]["messageId"] == missed["messageId"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -24,6 +25,8 @@ from dualwrite.server.auth import Identity, Unauthorized
 from dualwrite.server.live import encode
 from dualwrite.server.state import server_state
 from dualwrite.validation import check_channel, check_id
+
+log = logging.getLogger(__name__)
 
 
 async def live(websocket: WebSocket) -> None:
@@ -61,24 +64,28 @@ async def _deliver(
 ) -> None:
     """Forward frames until the client leaves, falls too far behind, or cannot resume."""
     hub = server_state(websocket).dw.live
-    async with hub.listen(channel, cursor=cursor, after_id=after) as subscription:
+    failure: BaseException | None = None
+    try:
+        async with hub.listen(channel, cursor=cursor, after_id=after) as subscription:
 
-        async def forward() -> None:
-            async for entry in subscription:
-                await websocket.send_text(encode(entry))
+            async def forward() -> None:
+                async for entry in subscription:
+                    await websocket.send_text(encode(entry))
 
-        sender = asyncio.create_task(forward())
-        reader = asyncio.create_task(_drain_client(websocket))
-        # A client that stops reading blocks `send_text`: its overflow is watched on its own.
-        stalled = asyncio.create_task(subscription.overflow.wait())
-        tasks = {sender, reader, stalled}
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        failure = sender.exception() if sender in done else None
-        if stalled in done:
-            failure = Overflowed()
+            sender = asyncio.create_task(forward())
+            reader = asyncio.create_task(_drain_client(websocket))
+            # A client that stops reading blocks `send_text`: its overflow is watched apart.
+            stalled = asyncio.create_task(subscription.overflow.wait())
+            tasks = {sender, reader, stalled}
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            failure = Overflowed() if stalled in done else None
+            if sender in done and failure is None:
+                failure = sender.exception()
+    except Exception as error:  # the channel could not be watched (the tier is down)
+        failure = error
     # The listener is released before a close that may wait for the client to read.
     if isinstance(failure, Overflowed):
         await websocket.close(1013, reason="too slow: reconnect with ?cursor=<last cursor>")
@@ -86,8 +93,11 @@ async def _deliver(
         await websocket.close(4410, reason="cursor too old: reload history")
     elif isinstance(failure, InvalidInput):
         await websocket.close(4422, reason=str(failure)[:100])
+    elif isinstance(failure, WebSocketDisconnect | RuntimeError):
+        raise failure  # the client left
     elif failure is not None:
-        raise failure
+        log.warning("live delivery failed: channel=%s error=%r", channel, failure)
+        await websocket.close(1011, reason="live delivery failed: reconnect with ?cursor=")
 
 
 async def _identify(websocket: WebSocket) -> Identity:

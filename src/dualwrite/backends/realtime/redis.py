@@ -194,7 +194,9 @@ class RedisRealtimeTier:
             await pipe.execute()
 
     async def read_after(self, channel: ChannelRef, cursor: str | None, limit: int) -> ReplayPage:
-        if cursor is not None and not _STREAM_ID.fullmatch(cursor):
+        if cursor is not None and (
+            not _STREAM_ID.fullmatch(cursor) or max(_position(cursor)) >= 2**64
+        ):
             raise InvalidInput("cursor", "is not a cursor of this realtime tier")
         stream = self.stream_key(channel)
         async with self._r.pipeline(transaction=False) as pipe:
