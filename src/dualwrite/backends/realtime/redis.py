@@ -369,13 +369,30 @@ class _RedisFeed:
         self._readers: list[_Reader] = []
         self._reader_of: dict[ChannelRef, _Reader] = {}
         self._unblocks: set[asyncio.Task[Any]] = set()
+        self._heads: Coalescer[ChannelRef] = Coalescer(
+            self._place_many, self._place_one, max_batch=500, max_in_flight=2
+        )
 
     async def watch(self, channel: ChannelRef) -> None:
-        # In place once the position is fixed: every later write gets a greater stream id.
-        last = await self.tier._r.xrevrange(self.tier.stream_key(channel), "+", "-", count=1)
-        position = last[0][0] if last else "0-0"
-        if channel in self._reader_of:
-            return
+        if channel not in self._reader_of:
+            await self._heads.submit(channel)
+
+    async def _place_one(self, channel: ChannelRef) -> None:
+        await self._place_many([channel])
+
+    async def _place_many(self, channels: Sequence[ChannelRef]) -> None:
+        """Fix each channel's position at its stream's last entry: in place, as every later
+        write gets a greater id. Concurrent watches (a restart's reconnects) share a pipeline
+        and take few pooled connections from the sends."""
+        async with self.tier._r.pipeline(transaction=False) as pipe:
+            for channel in channels:
+                pipe.xrevrange(self.tier.stream_key(channel), "+", "-", count=1)
+            lasts = await pipe.execute()
+        for channel, last in zip(channels, lasts, strict=True):
+            if channel not in self._reader_of:
+                self._follow(channel, last[0][0] if last else "0-0")
+
+    def _follow(self, channel: ChannelRef, position: str) -> None:
         reader = next(
             (r for r in self._readers if len(r.positions) < self.tier.streams_per_read), None
         )
