@@ -25,8 +25,8 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from dualwrite.errors import DualWriteError
-from dualwrite.ids import timestamp_of
+from dualwrite.errors import DualWriteError, InvalidInput
+from dualwrite.ids import ID_LENGTH, PUSH_CHARS, timestamp_of
 from dualwrite.model import ChannelRef, LiveEntry
 from dualwrite.ports import LiveFeed, RealtimeTier
 from dualwrite.settings import Settings
@@ -209,6 +209,8 @@ class LiveHub:
         if cursor is not None or after_id is not None:
             if cursor is None:
                 assert after_id is not None
+                if len(after_id) != ID_LENGTH or any(c not in PUSH_CHARS for c in after_id):
+                    raise InvalidInput("after", "is not a message id")
                 since = timestamp_of(after_id) - self.limits.replay_window_ms
                 cursor = await self._realtime.cursor_at(channel, since)
             while True:

@@ -211,7 +211,9 @@ def test_a_cursor_older_than_the_realtime_tier_keeps_closes_4410(server: Server)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4410
 
 
-@pytest.mark.parametrize("query", ["&cursor=nonsense", "&cursor=" + "1" * 200, "&after=a/b"])
+@pytest.mark.parametrize(
+    "query", ["&cursor=nonsense", "&cursor=" + "1" * 200, "&after=a/b", "&after=caf%C3%A9"]
+)
 def test_a_malformed_cursor_closes_4422(server: Server, query: str) -> None:
     with server.socket(unique("c"), query) as socket, pytest.raises(ConnectionClosed) as closed:
         socket.recv(10)

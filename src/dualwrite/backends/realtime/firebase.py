@@ -243,6 +243,7 @@ class _FirebaseFeed:
         self._watches: dict[ChannelRef, _Watch] = {}
         self._out: asyncio.Queue[list[LiveEntry]] = asyncio.Queue()
         self._liveness = loop.create_task(self._keep_listening())
+        self._stopping: set[asyncio.Task[None]] = set()
 
     async def watch(self, channel: ChannelRef) -> None:
         if channel in self._watches:
@@ -300,7 +301,9 @@ class _FirebaseFeed:
     def unwatch(self, channel: ChannelRef) -> None:
         watch = self._watches.pop(channel, None)
         if watch is not None and watch.registration is not None:
-            self._loop.create_task(asyncio.to_thread(_stop, watch.registration))
+            task = self._loop.create_task(asyncio.to_thread(_stop, watch.registration))
+            self._stopping.add(task)  # held until done: the loop keeps only weak references
+            task.add_done_callback(self._stopping.discard)
 
     async def next_entries(self) -> list[LiveEntry]:
         entries = await self._out.get()
@@ -310,6 +313,7 @@ class _FirebaseFeed:
 
     async def close(self) -> None:
         self._liveness.cancel()
+        await asyncio.gather(*self._stopping, return_exceptions=True)
         watches = list(self._watches.values())
         self._watches.clear()
         await asyncio.gather(
