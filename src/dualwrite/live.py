@@ -197,7 +197,8 @@ class LiveHub:
         if entry.listeners or self._channels.get(channel) is not entry:
             return
         del self._channels[channel]
-        if self._feed is not None and entry.watching.exception() is None:
+        watched = not entry.watching.cancelled() and entry.watching.exception() is None
+        if self._feed is not None and watched:
             self._feed.unwatch(channel)
 
     async def _entries(
