@@ -410,6 +410,8 @@ class _RedisFeed:
     def unblock(self, client_id: int) -> None:
         task = asyncio.create_task(self.tier._r.client_unblock(client_id))
         self._unblocks.add(task)
+        # Best effort (an ACL may forbid it): a new channel then waits one BLOCK at most.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
         task.add_done_callback(self._unblocks.discard)
 
     async def next_entries(self) -> list[LiveEntry]:
