@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -234,3 +235,22 @@ async def test_an_expired_claim_no_longer_binds_its_key(
     await realtime.sweep_expired(clock.now_ms())
     second = SendClaim("-second", 2, "f2")
     assert await realtime.claim_send(key, second, 1000) == second
+
+
+async def test_a_malformed_entry_in_a_redis_stream_is_skipped_live_and_on_resume(
+    realtime: RealtimeTier, realtime_kind: str, clock: ManualClock, ids: PushIdGenerator
+) -> None:
+    if realtime_kind != "redis":
+        pytest.skip("writes a raw stream entry, as another program sharing Redis could")
+    channel = ChannelRef(unique("ws"), "general")
+    feed = realtime.live_feed()
+    try:
+        await feed.watch(channel)
+        raw: Any = realtime._r  # type: ignore[attr-defined]
+        await raw.xadd(realtime.stream_key(channel), {"id": "x", "data": "{not json"})  # type: ignore[attr-defined]
+        good = make_message(clock, ids, "after the junk")
+        await realtime.write(channel, good)
+        assert [e.message for e in await _collect(feed, 1)] == [good]
+        assert [e.message for e in (await realtime.read_after(channel, None, 10)).entries] == [good]
+    finally:
+        await feed.close()

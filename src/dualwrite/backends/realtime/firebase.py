@@ -95,7 +95,10 @@ class FirebaseRealtimeTier:
     def _decode(self, message_id: str, data: Any) -> RealtimeMessage | None:
         if not isinstance(data, dict):
             return None
-        message = RealtimeMessage.from_wire(message_id, data)
+        try:
+            message = RealtimeMessage.from_wire(message_id, data)
+        except (KeyError, ValueError, TypeError):
+            return None  # not a message (a client bypassing the rules): never delivered
         return None if message.expired(self._clock.now_ms()) else message
 
     async def write(self, channel: ChannelRef, message: RealtimeMessage) -> None:

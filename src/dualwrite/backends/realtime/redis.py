@@ -108,7 +108,13 @@ class RedisRealtimeTier:
 
     def decode_entry(self, channel: ChannelRef, entry_id: str, fields: Any) -> LiveEntry | None:
         """A stream entry as a `LiveEntry`, unless expired by the (injectable) clock."""
-        message = RealtimeMessage.from_wire(fields["id"], json.loads(fields["data"]))
+        try:
+            message = RealtimeMessage.from_wire(fields["id"], json.loads(fields["data"]))
+        except (KeyError, ValueError, TypeError):
+            # Not ours (another writer, a damaged entry): skipped, so it cannot stop the
+            # reader of every channel, nor a resume that would meet it again and again.
+            log.warning("skipping a malformed stream entry: %s %s", channel, entry_id)
+            return None
         if message.expired(self._clock.now_ms()):
             return None
         return LiveEntry(channel, message, entry_id)
