@@ -67,3 +67,10 @@ class NotQueued(DualWriteError, LookupError):
 
 class MessageNotFound(DualWriteError, LookupError):
     """No tier holds the message any more (never sent, or expired from the realtime tier)."""
+
+
+class CursorExpired(DualWriteError, LookupError):
+    """A live cursor is older than the realtime tier keeps: what followed it may be gone.
+
+    The client reloads history, then watches again without a cursor.
+    """

@@ -17,9 +17,10 @@ from dualwrite.model import (
     LiveEvent,
     PermanentWrite,
     RealtimeMessage,
+    ReplayPage,
     StoredMessage,
 )
-from dualwrite.ports import PermanentStore, RealtimeTier, SendClaim, SendKey, TokenRequest
+from dualwrite.ports import LiveFeed, PermanentStore, RealtimeTier, SendClaim, SendKey, TokenRequest
 
 
 class InjectedFault(ConnectionError):
@@ -128,12 +129,16 @@ class FaultyRealtimeTier:
         await self.faults.check("confirm")
         await self.inner.confirm(channel, message_ids)
 
-    async def subscribe(
-        self, channel: ChannelRef, after_id: str | None = None
-    ) -> AsyncIterator[RealtimeMessage]:
-        await self.faults.check("subscribe")
-        async for message in self.inner.subscribe(channel, after_id):
-            yield message
+    async def read_after(self, channel: ChannelRef, cursor: str | None, limit: int) -> ReplayPage:
+        await self.faults.check("read_after")
+        return await self.inner.read_after(channel, cursor, limit)
+
+    async def cursor_at(self, channel: ChannelRef, time_ms: int) -> str:
+        await self.faults.check("cursor_at")
+        return await self.inner.cursor_at(channel, time_ms)
+
+    def live_feed(self) -> LiveFeed:
+        return self.inner.live_feed()
 
     async def channels(self) -> list[ChannelRef]:
         await self.faults.check("channels")

@@ -72,6 +72,28 @@ class RealtimeMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class LiveEntry:
+    """One write of a realtime entry, at its place in the channel's write order.
+
+    ``cursor`` is opaque and names that place: reading after it continues with the next write.
+    A rewrite of an id (a repeated send) is a new write with a new cursor.
+    """
+
+    channel: ChannelRef
+    message: RealtimeMessage
+    cursor: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayPage:
+    """Writes after a cursor, in write order; ``next_cursor`` continues, ``caught_up`` ends."""
+
+    entries: list[LiveEntry]
+    next_cursor: str
+    caught_up: bool
+
+
+@dataclass(frozen=True, slots=True)
 class PermanentWrite:
     """Everything needed to write (or rewrite) one permanent record.
 

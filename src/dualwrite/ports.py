@@ -14,9 +14,11 @@ from typing import Protocol
 from dualwrite.model import (
     ChannelRef,
     HistoryPage,
+    LiveEntry,
     LiveEvent,
     PermanentWrite,
     RealtimeMessage,
+    ReplayPage,
     StoredMessage,
 )
 
@@ -110,14 +112,21 @@ class RealtimeTier(Protocol):
         """Clear the "not yet saved" marks of messages the permanent store now holds."""
         ...
 
-    def subscribe(
-        self, channel: ChannelRef, after_id: str | None = None
-    ) -> AsyncIterator[RealtimeMessage]:
-        """New entries of the channel as they are written, across processes sharing the tier.
+    async def read_after(self, channel: ChannelRef, cursor: str | None, limit: int) -> ReplayPage:
+        """Up to ``limit`` unexpired writes of the channel after ``cursor``, in write order.
 
-        With ``after_id``, unexpired entries after that id come first, so a reconnecting client
-        misses nothing; no id is yielded twice by one iterator.
+        None reads from the oldest write kept. Raises `CursorExpired` when writes that followed
+        ``cursor`` may be gone (it is older than the tier keeps, or from another incarnation of
+        it), and `InvalidInput` (field "cursor") when it is not a cursor of this tier.
         """
+        ...
+
+    async def cursor_at(self, channel: ChannelRef, time_ms: int) -> str:
+        """A cursor before every write made at or after ``time_ms`` (best effort: clocks)."""
+        ...
+
+    def live_feed(self) -> LiveFeed:
+        """A new reader of the channels it is told to watch; one serves a whole process."""
         ...
 
     async def channels(self) -> list[ChannelRef]:
@@ -158,6 +167,27 @@ class RealtimeTier(Protocol):
     def events(self, workspace_id: str) -> AsyncIterator[LiveEvent]:
         """The events published to the workspace from now on, across processes."""
         ...
+
+
+class LiveFeed(Protocol):
+    """Writes of many channels as they happen, read by one reader (not one per channel)."""
+
+    async def watch(self, channel: ChannelRef) -> None:
+        """Follow ``channel``. Returns once the subscription is in place: every write made
+        after this returns comes out of `next_entries`, so a backlog read afterwards leaves no
+        gap between itself and the live writes."""
+        ...
+
+    def unwatch(self, channel: ChannelRef) -> None:
+        """Stop following ``channel`` (its writes may still come out of a read in flight)."""
+        ...
+
+    async def next_entries(self) -> list[LiveEntry]:
+        """Wait for writes of watched channels: each channel's in write order. A failing tier is
+        retried from where the feed was, so nothing is skipped."""
+        ...
+
+    async def close(self) -> None: ...
 
 
 class PermanentStore(Protocol):

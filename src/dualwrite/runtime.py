@@ -99,6 +99,8 @@ async def open_dualwrite(
         memory_max_bytes=settings.memory_max_bytes,
         memory_max_claims=settings.memory_max_claims,
         memory_max_buckets=settings.memory_max_buckets,
+        live_streams_per_read=settings.live_streams_per_read,
+        live_replay_window_ms=int(settings.live_replay_window_s * 1000),
     )
     realtime = realtime or create_realtime_tier(settings.realtime_url, context)
     store = store or create_permanent_store(settings.store_url, context)
@@ -133,6 +135,7 @@ async def open_dualwrite(
         stack.push_async_callback(queue.close)
         await queue.open()
         app = DualWrite(settings, realtime, store, queue, clock)
+        stack.push_async_callback(app.live.close)
         metrics.QUEUE_DEPTH.set(await queue.count())
         tasks = _start_background(app, settings) if background else []
         try:

@@ -20,12 +20,13 @@ from dualwrite.errors import (
     MessageNotFound,
     NotQueued,
 )
+from dualwrite.live import LiveHub, LiveLimits
 from dualwrite.logs import one_line
 from dualwrite.model import (
     ChannelHistory,
     ChannelRef,
+    LiveEntry,
     LiveEvent,
-    RealtimeMessage,
     SendResult,
     SendStatus,
     User,
@@ -93,6 +94,8 @@ class DualWrite:
             on_saved=self._announce_saved,
             batch=settings.reconcile_batch,
         )
+        self.live = LiveHub(realtime, LiveLimits.from_settings(settings))
+        """Live delivery: one feed for the process, shared by every subscriber."""
         self._recovery = ManualRecovery(
             realtime, store, queue, self.retrier, self.sender, self._announce_saved
         )
@@ -200,18 +203,29 @@ class DualWrite:
         except Exception as error:
             raise BackendError(f"history is unavailable: {error!r}") from error
 
-    def subscribe(
-        self, workspace_id: str, channel_id: str, after_id: str | None = None
-    ) -> AsyncIterator[RealtimeMessage]:
-        """Live messages of a channel; with ``after_id``, what came after it first."""
-        return self._realtime.subscribe(check_channel(workspace_id, channel_id), after_id)
+    async def subscribe(
+        self,
+        workspace_id: str,
+        channel_id: str,
+        *,
+        cursor: str | None = None,
+        after_id: str | None = None,
+    ) -> AsyncIterator[LiveEntry]:
+        """Live writes of a channel, each with the cursor to resume after it (`dualwrite.live`).
 
-    async def replay(
-        self, workspace_id: str, channel_id: str, after_id: str | None, limit: int
-    ) -> list[RealtimeMessage]:
-        """Unexpired realtime entries after ``after_id`` (all if None), in id order."""
+        With ``cursor`` (or, best effort, ``after_id``) what came after it comes first. Raises
+        `CursorExpired` (reload history), `InvalidInput` or `Overflowed` (resume after the last
+        cursor) from the iteration.
+        """
         channel = check_channel(workspace_id, channel_id)
-        return await self._realtime.read_since(channel, after_id, limit)
+        if after_id is not None:
+            check_id("after", after_id)
+        async with self.live.listen(channel, cursor=cursor, after_id=after_id) as entries:
+            try:
+                async for entry in entries:
+                    yield entry
+            finally:
+                await entries.aclose()
 
     def events(self, workspace_id: str) -> AsyncIterator[LiveEvent]:
         """Live notices of a workspace ("saved", "channel"), from every process."""

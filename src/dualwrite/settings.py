@@ -103,6 +103,16 @@ class Settings(_FromEnv):
     """Hold a batch this long for more writes (0: only what queued while the last was out)."""
     outage_reminder_s: float = 300.0
     """While a backend stays down, background work says so in the log at most this often."""
+    live_buffer: int = 1000
+    """Live entries one listener (socket) may let wait; past that it is closed (1013) and
+    resumes after its last cursor."""
+    live_replay_page: int = 500
+    """Entries a resume reads per round trip, until caught up."""
+    live_replay_window_s: float = 60.0
+    """A resume by message id (and any resume on Firebase, whose ids follow creation order,
+    not write order) replays this much before its point; clients drop ids they have."""
+    live_streams_per_read: int = 1000
+    """Channels one live reader follows per blocking read (Redis: streams per XREAD)."""
     fault_realtime: float = 0.0
     """Development only: the probability that a realtime call fails on purpose."""
     fault_permanent: float = 0.0
@@ -130,7 +140,12 @@ class Settings(_FromEnv):
             "reconcile_interval_s",
             "reconcile_grace_s",
             "outage_reminder_s",
+            "live_buffer",
+            "live_replay_page",
+            "live_streams_per_read",
         )
+        if self.live_replay_window_s < 0:
+            raise BadSetting("live_replay_window_s must be 0 or more")
         for name in ("fault_realtime", "fault_permanent"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise BadSetting(f"{self.env_name(name)} must be a probability from 0 to 1")

@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
-from typing import cast
+from typing import Any, cast
 
 import pytest
 
 from dualwrite.clock import ManualClock
+from dualwrite.errors import CursorExpired, InvalidInput
 from dualwrite.ids import PushIdGenerator
-from dualwrite.model import REALTIME_TTL_MS, ChannelRef, LiveEvent, RealtimeMessage
-from dualwrite.ports import RealtimeTier, SendClaim, SendKey, TokenRequest
+from dualwrite.model import REALTIME_TTL_MS, ChannelRef, LiveEntry, LiveEvent, RealtimeMessage
+from dualwrite.ports import LiveFeed, RealtimeTier, SendClaim, SendKey, TokenRequest
 from tests.conftest import needs, unique
 
 
@@ -99,47 +100,104 @@ async def test_expired_entries_are_never_read_and_are_swept(
     assert await realtime.read_since(channel, None, 100) == []
 
 
-async def test_subscribers_receive_new_messages_live(
-    realtime: RealtimeTier,
-    realtime_kind: str,
-    channel: ChannelRef,
-    clock: ManualClock,
-    ids: PushIdGenerator,
+async def test_read_after_pages_through_writes_in_write_order(
+    realtime: RealtimeTier, channel: ChannelRef, clock: ManualClock, ids: PushIdGenerator
 ) -> None:
-    needs(realtime_kind, "listen")
-    stream = realtime.subscribe(channel)
-    first = asyncio.ensure_future(anext(stream))
-    await asyncio.sleep(0.2)  # let the subscription reach the backend
-    message = make_message(clock, ids)
-    await realtime.write(channel, message)
-    assert await asyncio.wait_for(first, 5) == message
-    second = make_message(clock, ids)
-    await realtime.write(channel, second)
-    assert await asyncio.wait_for(anext(stream), 5) == second
-    await stream.aclose()  # type: ignore[attr-defined]
-
-
-async def test_resubscribing_after_an_id_replays_what_was_missed_once_in_order(
-    realtime: RealtimeTier,
-    realtime_kind: str,
-    channel: ChannelRef,
-    clock: ManualClock,
-    ids: PushIdGenerator,
-) -> None:
-    needs(realtime_kind, "listen")
-    seen = make_message(clock, ids, "seen")
-    missed = [make_message(clock, ids, f"missed{i}") for i in range(3)]
-    for message in (seen, *missed):
+    messages = [make_message(clock, ids, f"m{i}") for i in range(7)]
+    # Written out of id order, and the first one rewritten last (a repeated send).
+    order = [messages[3], *messages[:3], *messages[4:], messages[3]]
+    for message in order:
         await realtime.write(channel, message)
-    stream = realtime.subscribe(channel, after_id=seen.message_id)
-    got = [await asyncio.wait_for(anext(stream), 5) for _ in missed]
-    assert got == missed
-    live = make_message(clock, ids, "live")
-    await asyncio.sleep(0.1)
-    await realtime.write(channel, missed[0])  # a rewrite must not be delivered twice
-    await realtime.write(channel, live)
-    assert await asyncio.wait_for(anext(stream), 5) == live
-    await stream.aclose()  # type: ignore[attr-defined]
+    got, cursor = [], None
+    while True:
+        page = await realtime.read_after(channel, cursor, 3)
+        got += page.entries
+        cursor = page.next_cursor
+        if page.caught_up:
+            break
+    if realtime_kind_orders_by_write(realtime):
+        assert [e.message for e in got] == order
+        assert len({e.cursor for e in got}) == len(order)
+    else:  # Firebase: id order, each id once (module docstring of its backend)
+        assert [e.message for e in got] == messages
+    assert all(e.channel == channel for e in got)
+    # After the cursor of an entry: what followed it.
+    later = await realtime.read_after(channel, got[2].cursor, 100)
+    assert [e.message for e in later.entries][-1] == got[-1].message
+    assert got[2].message not in [e.message for e in later.entries[:1]]
+    empty = await realtime.read_after(ChannelRef(channel.workspace_id, unique("c")), None, 10)
+    assert empty.entries == [] and empty.caught_up
+
+
+def realtime_kind_orders_by_write(realtime: RealtimeTier) -> bool:
+    return "firebase" not in type(realtime).__module__
+
+
+async def test_read_after_a_cursor_older_than_kept_is_expired(
+    realtime: RealtimeTier, channel: ChannelRef, clock: ManualClock, ids: PushIdGenerator
+) -> None:
+    await realtime.write(channel, make_message(clock, ids, "old"))
+    await realtime.write(channel, make_message(clock, ids, "lost"))
+    old = (await realtime.read_after(channel, None, 10)).entries[0].cursor
+    clock.advance(REALTIME_TTL_MS + 1000)
+    await realtime.write(channel, make_message(clock, ids, "new"))
+    with pytest.raises(CursorExpired):
+        await realtime.read_after(channel, old, 10)
+    for bad in ("nonsense", "1.2.3", "-", "x" * 200, "99999999999999999999-1", "1-" + "9" * 20):
+        with pytest.raises((InvalidInput, CursorExpired)):
+            await realtime.read_after(channel, bad, 10)
+
+
+async def test_cursor_at_a_time_reads_the_writes_from_then(
+    realtime: RealtimeTier, channel: ChannelRef, clock: ManualClock, ids: PushIdGenerator
+) -> None:
+    await realtime.write(channel, make_message(clock, ids, "first"))
+    cursor = await realtime.cursor_at(channel, clock.now_ms() - 60_000)
+    page = await realtime.read_after(channel, cursor, 10)
+    assert [e.message.text for e in page.entries] == ["first"]
+
+
+async def test_one_feed_delivers_every_watched_channel(
+    realtime: RealtimeTier,
+    realtime_kind: str,
+    clock: ManualClock,
+    ids: PushIdGenerator,
+) -> None:
+    needs(realtime_kind, "listen")
+    workspace = unique("ws")
+    count = 3 if realtime_kind.startswith("firebase") else 150
+    channels = [ChannelRef(workspace, f"c{i}") for i in range(count)]
+    feed = realtime.live_feed()
+    try:
+        for channel in channels:
+            await feed.watch(channel)
+        # Watched means in place: a write right after `watch` returns is delivered.
+        written = {}
+        for channel in channels:
+            message = make_message(clock, ids, channel.channel_id)
+            await realtime.write(channel, message)
+            written[channel] = message
+        got = await _collect(feed, count)
+        assert {e.channel: e.message for e in got} == written
+        replayed = await realtime.read_after(channels[0], None, 10)
+        assert [e.cursor for e in replayed.entries] == [
+            e.cursor for e in got if e.channel == channels[0]
+        ]
+        # A rewrite is a write: it comes again. An unwatched channel is quiet.
+        feed.unwatch(channels[1])
+        await realtime.write(channels[1], make_message(clock, ids, "unwatched"))
+        await realtime.write(channels[0], written[channels[0]])
+        again = await _collect(feed, 1)
+        assert [(e.channel, e.message) for e in again] == [(channels[0], written[channels[0]])]
+    finally:
+        await feed.close()
+
+
+async def _collect(feed: LiveFeed, count: int) -> list[LiveEntry]:
+    got: list[LiveEntry] = []
+    while len(got) < count:
+        got += await asyncio.wait_for(feed.next_entries(), 10)
+    return got
 
 
 async def test_claim_send_binds_a_key_once(
@@ -355,3 +413,22 @@ async def test_unconfirmed_channels_lists_the_channels_holding_old_marks(
         if c.workspace_id == workspace
     ]
     assert listed == [marked]
+
+
+async def test_a_malformed_entry_in_a_redis_stream_is_skipped_live_and_on_resume(
+    realtime: RealtimeTier, realtime_kind: str, clock: ManualClock, ids: PushIdGenerator
+) -> None:
+    if realtime_kind != "redis":
+        pytest.skip("writes a raw stream entry, as another program sharing Redis could")
+    channel = ChannelRef(unique("ws"), "general")
+    feed = realtime.live_feed()
+    try:
+        await feed.watch(channel)
+        raw: Any = realtime._r  # type: ignore[attr-defined]
+        await raw.xadd(realtime.stream_key(channel), {"id": "x", "data": "{not json"})  # type: ignore[attr-defined]
+        good = make_message(clock, ids, "after the junk")
+        await realtime.write(channel, good)
+        assert [e.message for e in await _collect(feed, 1)] == [good]
+        assert [e.message for e in (await realtime.read_after(channel, None, 10)).entries] == [good]
+    finally:
+        await feed.close()

@@ -29,13 +29,12 @@ async def test_subscription_survives_a_dropped_stream(tmp_path: Path) -> None:
     tier = create_realtime_tier(realtime_url("firebase-rest", tmp_path), BackendContext())
     await tier.connect()
     channel, ids = ChannelRef(unique("ws"), "general"), PushIdGenerator()
+    feed = tier.live_feed()
     try:
-        stream = tier.subscribe(channel)
-        first = asyncio.ensure_future(anext(stream))
-        await asyncio.sleep(0.5)
+        await feed.watch(channel)
         before = message(ids, "before the drop")
         await tier.write(channel, before)
-        assert await asyncio.wait_for(first, 10) == before
+        assert [e.message for e in await asyncio.wait_for(feed.next_entries(), 10)] == [before]
 
         servers.rest_db.drop_streams()
         await asyncio.sleep(0.2)
@@ -43,10 +42,10 @@ async def test_subscription_survives_a_dropped_stream(tmp_path: Path) -> None:
         await tier.write(channel, during)
         # firebase-admin reconnects (after its 3 s retry delay); the reopened stream's snapshot
         # carries what was missed, and nothing already delivered comes twice.
-        assert await asyncio.wait_for(anext(stream), 20) == during
+        assert [e.message for e in await asyncio.wait_for(feed.next_entries(), 20)] == [during]
         after = message(ids, "after")
         await tier.write(channel, after)
-        assert await asyncio.wait_for(anext(stream), 10) == after
-        await stream.aclose()  # type: ignore[attr-defined]
+        assert [e.message for e in await asyncio.wait_for(feed.next_entries(), 10)] == [after]
+        await feed.close()
     finally:
         await tier.close()

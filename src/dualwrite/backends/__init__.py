@@ -40,6 +40,10 @@ class BackendContext:
     """The `memory://` realtime tier refuses idempotency keys past this many held."""
     memory_max_buckets: int = Settings.memory_max_buckets
     """The `memory://` realtime tier keeps at most this many rate-limit buckets."""
+    live_streams_per_read: int = Settings.live_streams_per_read
+    """Channels one live reader follows in one blocking read (Redis: streams per XREAD)."""
+    live_replay_window_ms: int = int(Settings.live_replay_window_s * 1000)
+    """Firebase: a resume replays this much before its cursor (ids follow creation order)."""
 
 
 # The extra (pyproject.toml) that brings each backend's driver.

@@ -40,39 +40,57 @@ def encode_notice(workspace_id: str, event: LiveEvent) -> str:
     return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
 
 
+NoticeSink = Callable[[str], None]
+"""Takes one notice frame for one socket (without waiting: notices are best effort)."""
+
+
 @dataclass(eq=False)
 class _Watch:
-    sockets: int = 0
+    sockets: dict[NoticeSink, str] = field(default_factory=dict)
+    """Each socket's sink, and the channel it watches."""
     task: asyncio.Task[None] | None = None
 
 
 @dataclass(eq=False)
 class NoticeRelay:
-    """Subscribes to a workspace's notices while it is watched; hands each to ``deliver``."""
+    """Subscribes to a workspace's notices while a socket of it is open; hands each notice to
+    the sockets it concerns."""
 
     dw: DualWrite
-    deliver: Callable[[str, LiveEvent], None]
     _watches: dict[str, _Watch] = field(default_factory=dict)
 
     @contextlib.asynccontextmanager
-    async def watching(self, workspace_id: str) -> AsyncIterator[None]:
+    async def watching(
+        self, workspace_id: str, channel_id: str, sink: NoticeSink
+    ) -> AsyncIterator[None]:
         watch = self._watches.setdefault(workspace_id, _Watch())
-        watch.sockets += 1
+        watch.sockets[sink] = channel_id
         if watch.task is None:
             watch.task = asyncio.create_task(self._pump(workspace_id))
         try:
             yield
         finally:
-            watch.sockets -= 1
-            if watch.sockets == 0 and watch.task is not None:
+            watch.sockets.pop(sink, None)
+            if not watch.sockets and watch.task is not None:
                 watch.task.cancel()
                 self._watches.pop(workspace_id, None)
+
+    def _deliver(self, workspace_id: str, event: LiveEvent) -> None:
+        """A "saved" notice to the sockets of its channel, a "channel" one to the workspace's."""
+        watch = self._watches.get(workspace_id)
+        if watch is None:
+            return
+        frame = encode_notice(workspace_id, event)
+        for sink, channel_id in list(watch.sockets.items()):
+            if event.kind == "saved" and channel_id != event.channel_id:
+                continue
+            sink(frame)
 
     async def _pump(self, workspace_id: str) -> None:
         while True:
             try:
                 async for event in self.dw.events(workspace_id):
-                    self.deliver(workspace_id, event)
+                    self._deliver(workspace_id, event)
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -2,9 +2,14 @@
 
 The socket authenticates within `ws_auth_timeout_s` with its first frame `{"token": ...}` (at
 most `ws_first_frame_bytes`; a `?token=` query is still accepted, and masked in every log),
-then receives one JSON frame per message: with `?after=<id>`, what came after that id first. A
-socket too slow for its buffer is closed with 1013 and resumes with `?after=` its last id. The
-socket is closed with 4401 when its token expires (the page renews it before then).
+then receives one JSON frame per message, each with the `cursor` to resume after it: with
+`?cursor=`, what came after that cursor first, in write order (`?after=<id>`: best effort, see
+`dualwrite.live`). Every message reaches the socket at least once, in write order; clients drop
+repeated ids. Notices of the workspace ("saved", "channels") come as frames of their own.
+Closes: 1013 too slow (resume with `?cursor=` the last cursor received: nothing before it was
+dropped), 4410 the cursor is older than the realtime tier keeps (reload history, then connect
+without a cursor), 4422 a malformed cursor or id, 4401 when the token expires (the page renews
+it before then).
 
 Caps, per process: sockets still waiting for their token (in all, and per client address:
 refused with HTTP 403), live sockets per user and in all (closed with 1008); and connects per
@@ -16,18 +21,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from dualwrite import metrics
-from dualwrite.errors import InvalidInput
+from dualwrite.errors import CursorExpired, InvalidInput
+from dualwrite.live import Overflowed
 from dualwrite.model import ChannelRef
 from dualwrite.server.auth import Identity, Unauthorized
-from dualwrite.server.live import Overflowed
+from dualwrite.server.live import encode
 from dualwrite.server.ratelimit import Limit
 from dualwrite.server.state import server_state
 from dualwrite.validation import check_channel, check_id
+
+log = logging.getLogger(__name__)
+
+_NOTICES_WAITING = 100
 
 
 class _Refused(Exception):
@@ -68,6 +79,9 @@ async def live(websocket: WebSocket) -> None:
         after = websocket.query_params.get("after") or None
         if after is not None:
             check_id("after", after)
+        cursor = websocket.query_params.get("cursor") or None
+        if cursor is not None and (len(cursor) > 100 or not cursor.isascii()):
+            raise InvalidInput("cursor", "is not a cursor")
     except InvalidInput as error:
         await websocket.close(4422, reason=str(error)[:100])
         return
@@ -84,7 +98,7 @@ async def live(websocket: WebSocket) -> None:
     counts.join(user)
     metrics.WEBSOCKETS.inc()
     try:
-        await _deliver_until_expiry(websocket, channel, after, identity)
+        await _deliver_until_expiry(websocket, channel, cursor, after, identity)
     except (WebSocketDisconnect, RuntimeError):
         pass
     finally:
@@ -93,10 +107,14 @@ async def live(websocket: WebSocket) -> None:
 
 
 async def _deliver_until_expiry(
-    websocket: WebSocket, channel: ChannelRef, after: str | None, identity: Identity
+    websocket: WebSocket,
+    channel: ChannelRef,
+    cursor: str | None,
+    after: str | None,
+    identity: Identity,
 ) -> None:
     """Deliver until the client leaves, falls behind, or its token expires (4401)."""
-    delivery = asyncio.create_task(_deliver(websocket, channel, after))
+    delivery = asyncio.create_task(_deliver(websocket, channel, cursor, after))
     remaining = None if identity.expires_at is None else identity.expires_at - time.time()
     try:
         done, _ = await asyncio.wait({delivery}, timeout=remaining)
@@ -110,25 +128,69 @@ async def _deliver_until_expiry(
     await websocket.close(4401, reason="token expired: renew it and reconnect")
 
 
-async def _deliver(websocket: WebSocket, channel: ChannelRef, after: str | None) -> None:
-    """Forward frames until the client leaves or falls too far behind."""
-    async with server_state(websocket).hub.listen(channel, after) as frames:
+async def _deliver(
+    websocket: WebSocket, channel: ChannelRef, cursor: str | None, after: str | None
+) -> None:
+    """Forward frames until the client leaves, falls too far behind, or cannot resume."""
+    state = server_state(websocket)
+    failure: BaseException | None = None
+    # Two producers share the socket: messages, and the workspace's notices (best effort: a
+    # socket too slow for them drops some; history and the channel list say the same).
+    notices: asyncio.Queue[str] = asyncio.Queue(_NOTICES_WAITING)
+    sending = asyncio.Lock()
 
-        async def forward() -> None:
-            async for frame in frames:
-                await websocket.send_text(frame)
+    def take_notice(frame: str) -> None:
+        with contextlib.suppress(asyncio.QueueFull):
+            notices.put_nowait(frame)
 
-        sender = asyncio.create_task(forward())
-        reader = asyncio.create_task(_drain_client(websocket))
-        try:
-            done, _ = await asyncio.wait({sender, reader}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            # Also when cancelled (token expiry): neither task may outlive the socket.
-            for task in (sender, reader):
-                task.cancel()
-            await asyncio.gather(sender, reader, return_exceptions=True)
-        if sender in done and isinstance(sender.exception(), Overflowed):
-            await websocket.close(1013, reason="too slow: reconnect with ?after=<last id>")
+    async def send(frame: str) -> None:
+        async with sending:
+            await websocket.send_text(frame)
+
+    try:
+        async with (
+            state.notices.watching(channel.workspace_id, channel.channel_id, take_notice),
+            state.dw.live.listen(channel, cursor=cursor, after_id=after) as subscription,
+        ):
+
+            async def forward() -> None:
+                async for entry in subscription:
+                    await send(encode(entry))
+
+            async def forward_notices() -> None:
+                while True:
+                    await send(await notices.get())
+
+            sender = asyncio.create_task(forward())
+            reader = asyncio.create_task(_drain_client(websocket))
+            # A client that stops reading blocks `send_text`: its overflow is watched apart.
+            stalled = asyncio.create_task(subscription.overflow.wait())
+            noticer = asyncio.create_task(forward_notices())
+            tasks = {sender, reader, stalled, noticer}
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                # Also when cancelled (token expiry): no task may outlive the socket.
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            failure = Overflowed() if stalled in done else None
+            if sender in done and failure is None:
+                failure = sender.exception()
+    except Exception as error:  # the channel could not be watched (the tier is down)
+        failure = error
+    # The listener is released before a close that may wait for the client to read.
+    if isinstance(failure, Overflowed):
+        await websocket.close(1013, reason="too slow: reconnect with ?cursor=<last cursor>")
+    elif isinstance(failure, CursorExpired):
+        await websocket.close(4410, reason="cursor too old: reload history")
+    elif isinstance(failure, InvalidInput):
+        await websocket.close(4422, reason=str(failure)[:100])
+    elif isinstance(failure, WebSocketDisconnect | RuntimeError):
+        raise failure  # the client left
+    elif failure is not None:
+        log.warning("live delivery failed: channel=%s error=%r", channel, failure)
+        await websocket.close(1011, reason="live delivery failed: reconnect with ?cursor=")
 
 
 async def _identify(websocket: WebSocket) -> Identity:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from starlette.requests import HTTPConnection
 
 from dualwrite.server.auth import Authenticator, TokenSigner
-from dualwrite.server.live import LiveHub
+from dualwrite.server.notices import NoticeRelay
 from dualwrite.server.ratelimit import RateLimits
 from dualwrite.service import DualWrite
 from dualwrite.settings import ServerSettings
@@ -53,7 +53,7 @@ class ServerState:
     limits: RateLimits
     sockets: SocketCounts = field(default_factory=SocketCounts)
     _dw: DualWrite | None = field(default=None, init=False)
-    _hub: LiveHub | None = field(default=None, init=False)
+    _notices: NoticeRelay | None = field(default=None, init=False)
     _known_channels: OrderedDict[tuple[str, str], None] = field(
         default_factory=OrderedDict, init=False
     )
@@ -71,19 +71,19 @@ class ServerState:
 
     def started(self, dw: DualWrite) -> None:
         self._dw = dw
-        self._hub = LiveHub(dw)
+        self._notices = NoticeRelay(dw)
+
+    @property
+    def notices(self) -> NoticeRelay:
+        if self._notices is None:
+            raise RuntimeError("the server's lifespan has not started")
+        return self._notices
 
     @property
     def dw(self) -> DualWrite:
         if self._dw is None:
             raise RuntimeError("the server's lifespan has not started")
         return self._dw
-
-    @property
-    def hub(self) -> LiveHub:
-        if self._hub is None:
-            raise RuntimeError("the server's lifespan has not started")
-        return self._hub
 
 
 def server_state(connection: HTTPConnection) -> ServerState:

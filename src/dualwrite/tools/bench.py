@@ -237,12 +237,12 @@ async def run_library(
         first = asyncio.ensure_future(anext(stream))
         await asyncio.sleep(0.05)
         ready.set()
-        message = await first
+        entry = await first
         while True:
-            index = index_of(message.text)
+            index = index_of(entry.message.text)
             if index is not None:
                 arrived[index] = time.perf_counter()
-            message = await anext(stream)
+            entry = await anext(stream)
 
     readies = [asyncio.Event() for _ in range(channels)]
     listeners = [asyncio.create_task(listen(f"channel-{i}", readies[i])) for i in range(channels)]

@@ -12,6 +12,13 @@ handed to the event loop. Writes use `child(id).set()`, never `push()`: push is 
 client may retry, creating duplicates. Firebase has no expiry: `sweep_expired` deletes children
 whose `ttl` passed (it needs `".indexOn": ["ttl"]`, see database.rules.json).
 Live events ("saved", "channel") are children of `events/{ws}`, kept a few minutes.
+
+Live cursors: the database keeps no write order, only ids, which follow creation order. A
+message's cursor `w.{id}` therefore resumes with everything from `live_replay_window_ms` before
+that id's time (the client drops ids it has), which covers concurrent senders and clock skew; a
+"Retry?" that rewrites an id older than that window while the client is away is found in
+history, not by resuming. The live feed listens to each watched channel (firebase-admin keeps
+one thread per listener) and counts a channel as watched once its first snapshot arrived.
 """
 
 from __future__ import annotations
@@ -21,9 +28,11 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
@@ -33,15 +42,24 @@ from firebase_admin import db
 from dualwrite.backends import BackendContext, _firebase_app
 from dualwrite.backends._recent import RecentIds
 from dualwrite.clock import Clock
-from dualwrite.errors import UnknownBackend
-from dualwrite.ids import PushIdGenerator
-from dualwrite.model import REALTIME_TTL_MS, ChannelRef, LiveEvent, RealtimeMessage
-from dualwrite.ports import RealtimeTier, SendClaim, SendKey, TokenRequest
+from dualwrite.errors import CursorExpired, InvalidInput, UnknownBackend
+from dualwrite.ids import PushIdGenerator, time_prefix, timestamp_of
+from dualwrite.model import (
+    REALTIME_TTL_MS,
+    ChannelRef,
+    LiveEntry,
+    LiveEvent,
+    RealtimeMessage,
+    ReplayPage,
+)
+from dualwrite.ports import LiveFeed, RealtimeTier, SendClaim, SendKey, TokenRequest
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 _LIVENESS_CHECK_S = 5.0
 _EVENT_TTL_MS = 300_000
+_FIRST_SNAPSHOT_S = 30.0
+_CURSOR = re.compile(r"([wa])\.([-0-9A-Za-z_]{1,20})")
 
 _LOOPBACK = ("127.0.0.1", "localhost", "[::1]", "::1")
 
@@ -60,11 +78,14 @@ def database_url(url: str) -> tuple[str, bool]:
 
 
 class FirebaseRealtimeTier:
-    def __init__(self, url: str, clock: Clock, timeout_s: float, threads: int) -> None:
+    def __init__(
+        self, url: str, clock: Clock, timeout_s: float, threads: int, window_ms: int
+    ) -> None:
         self._url, self._emulated = database_url(url)
         self._clock = clock
         self._timeout_s = timeout_s
         self._threads = threads
+        self._window_ms = window_ms
         self._app: firebase_admin.App | None = None
         self._event_ids = PushIdGenerator(clock.now_ms)
         self._executor: ThreadPoolExecutor | None = None
@@ -84,8 +105,14 @@ class FirebaseRealtimeTier:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
 
+    def ref(self, path: str) -> db.Reference:
+        return self._ref(path)
+
     def _ref(self, path: str) -> db.Reference:
         return db.reference(path, app=self._app)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.to_thread(fn, *args)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._executor is None:
@@ -97,7 +124,10 @@ class FirebaseRealtimeTier:
     def _decode(self, message_id: str, data: Any) -> RealtimeMessage | None:
         if not isinstance(data, dict):
             return None
-        message = RealtimeMessage.from_wire(message_id, data)
+        try:
+            message = RealtimeMessage.from_wire(message_id, data)
+        except (KeyError, ValueError, TypeError):
+            return None  # not a message (a client bypassing the rules): never delivered
         return None if message.expired(self._clock.now_ms()) else message
 
     def _marks(self, channel: ChannelRef) -> db.Reference:
@@ -208,46 +238,41 @@ class FirebaseRealtimeTier:
         if message_ids:
             await self._run(self._marks(channel).update, dict.fromkeys(message_ids))
 
-    async def subscribe(
-        self, channel: ChannelRef, after_id: str | None = None
-    ) -> AsyncIterator[RealtimeMessage]:
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[db.Event] = asyncio.Queue()
+    async def read_after(self, channel: ChannelRef, cursor: str | None, limit: int) -> ReplayPage:
+        floor, strict = "", False
+        if cursor is not None:
+            match = _CURSOR.fullmatch(cursor)
+            if match is None:
+                raise InvalidInput("cursor", "is not a cursor of this realtime tier")
+            kind, message_id = match.groups()
+            if timestamp_of(message_id) < self._clock.now_ms() - REALTIME_TTL_MS:
+                raise CursorExpired(f"cursor {cursor!r} is older than the realtime tier keeps")
+            if kind == "w":  # a client's resume: replay the window before it (module docstring)
+                floor = time_prefix(max(0, timestamp_of(message_id) - self._window_ms))
+            else:
+                floor, strict = message_id, True
+        query = self._ref(channel.realtime_path).order_by_key()
+        if floor:
+            query = query.start_at(floor)
+        data = await self._run(query.limit_to_first(limit + 1).get) or {}
+        # Filtered here too, so that a server which ignores queries still gives the right answer.
+        ids = [i for i in sorted(data) if i > floor or (i == floor and not strict)][:limit]
+        entries = []
+        for message_id in ids:
+            message = self._decode(message_id, data[message_id])
+            if message is not None:
+                entries.append(LiveEntry(channel, message, f"w.{message_id}"))
+        next_cursor = f"a.{ids[-1]}" if ids else (cursor or "a.-")
+        return ReplayPage(entries, next_cursor, caught_up=len(ids) < limit)
 
-        def deliver(event: db.Event) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
+    async def cursor_at(self, channel: ChannelRef, time_ms: int) -> str:
+        return f"a.{time_prefix(max(0, time_ms))}"
 
-        ref = self._ref(channel.realtime_path)
-        registration = await self._run(ref.listen, deliver)
-        seen = RecentIds()
-        first_snapshot = True
-        try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), _LIVENESS_CHECK_S)
-                except TimeoutError:
-                    # firebase-admin's listener thread reconnects by itself, but dies if a
-                    # reconnect fails (firebase-admin-python#498): then listen anew. The new
-                    # stream opens with the whole channel, and `seen` passes only what is new.
-                    if not _listening(registration):
-                        log.warning("realtime listener died, listening anew: %s", channel)
-                        _stop(registration)
-                        registration = await self._run(ref.listen, deliver)
-                    continue
-                for message in self._changes(event):
-                    # The stream opens with the whole channel: on the first open without
-                    # after_id that is history, not news.
-                    if first_snapshot and event.path == "/" and after_id is None:
-                        seen.first_time(message.message_id)
-                        continue
-                    if after_id is not None and message.message_id <= after_id:
-                        continue
-                    if seen.first_time(message.message_id):
-                        yield message
-                if event.path == "/":
-                    first_snapshot = False
-        finally:
-            await asyncio.to_thread(_stop, registration)
+    def live_feed(self) -> LiveFeed:
+        return _FirebaseFeed(self, asyncio.get_running_loop())
+
+    def changes(self, event: db.Event) -> list[RealtimeMessage]:
+        return self._changes(event)
 
     def _changes(self, event: db.Event) -> list[RealtimeMessage]:
         """The unexpired messages an event carries, in id order."""
@@ -400,6 +425,103 @@ def _escape_key(key: str) -> str:
     )
 
 
+@dataclass(eq=False)
+class _Watch:
+    registration: db.ListenerRegistration | None = None
+    snapshot: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    seen: RecentIds = field(default_factory=RecentIds)
+
+
+class _FirebaseFeed:
+    """One `Reference.listen()` per watched channel, funnelled into one queue."""
+
+    def __init__(self, tier: FirebaseRealtimeTier, loop: asyncio.AbstractEventLoop) -> None:
+        self._tier = tier
+        self._loop = loop
+        self._watches: dict[ChannelRef, _Watch] = {}
+        self._out: asyncio.Queue[list[LiveEntry]] = asyncio.Queue()
+        self._liveness = loop.create_task(self._keep_listening())
+        self._stopping: set[asyncio.Task[None]] = set()
+
+    async def watch(self, channel: ChannelRef) -> None:
+        if channel in self._watches:
+            return
+        watch = self._watches[channel] = _Watch()
+        try:
+            await self._listen(channel, watch)
+            # In place once the first snapshot arrived: later writes come as events after it.
+            await asyncio.wait_for(asyncio.shield(watch.snapshot), _FIRST_SNAPSHOT_S)
+        except BaseException:
+            self.unwatch(channel)
+            raise
+
+    async def _listen(self, channel: ChannelRef, watch: _Watch) -> None:
+        def deliver(event: db.Event) -> None:
+            self._loop.call_soon_threadsafe(self._on_event, channel, watch, event)
+
+        ref = self._tier.ref(channel.realtime_path)
+        watch.registration = await self._tier.run(ref.listen, deliver)
+        if self._watches.get(channel) is not watch:  # unwatched meanwhile
+            await asyncio.to_thread(_stop, watch.registration)
+
+    def _on_event(self, channel: ChannelRef, watch: _Watch, event: db.Event) -> None:
+        if self._watches.get(channel) is not watch:
+            return
+        messages = self._tier.changes(event)
+        if event.event_type == "put" and event.path == "/":
+            # A (re)opened stream starts with the whole channel: news only if never seen.
+            first = not watch.snapshot.done()
+            fresh = [m for m in messages if watch.seen.first_time(m.message_id)]
+            if first:
+                watch.snapshot.set_result(None)
+                return
+            messages = fresh
+        else:
+            for message in messages:
+                watch.seen.first_time(message.message_id)
+        if messages:
+            self._out.put_nowait([LiveEntry(channel, m, f"w.{m.message_id}") for m in messages])
+
+    async def _keep_listening(self) -> None:
+        # firebase-admin's listener thread reconnects by itself, but dies if a reconnect fails
+        # (firebase-admin-python#498): then listen anew; its snapshot brings what was missed.
+        while True:
+            await asyncio.sleep(_LIVENESS_CHECK_S)
+            for channel, watch in list(self._watches.items()):
+                if watch.registration is not None and not _listening(watch.registration):
+                    log.warning("realtime listener died, listening anew: %s", channel)
+                    await asyncio.to_thread(_stop, watch.registration)
+                    try:
+                        await self._listen(channel, watch)
+                    except Exception as error:
+                        log.warning("listening anew failed, will retry: %r", error)
+
+    def unwatch(self, channel: ChannelRef) -> None:
+        watch = self._watches.pop(channel, None)
+        if watch is not None and watch.registration is not None:
+            task = self._loop.create_task(asyncio.to_thread(_stop, watch.registration))
+            self._stopping.add(task)  # held until done: the loop keeps only weak references
+            task.add_done_callback(self._stopping.discard)
+
+    async def next_entries(self) -> list[LiveEntry]:
+        entries = await self._out.get()
+        while not self._out.empty():
+            entries += self._out.get_nowait()
+        return entries
+
+    async def close(self) -> None:
+        self._liveness.cancel()
+        await asyncio.gather(*self._stopping, return_exceptions=True)
+        watches = list(self._watches.values())
+        self._watches.clear()
+        await asyncio.gather(
+            *(asyncio.to_thread(_stop, w.registration) for w in watches if w.registration),
+            return_exceptions=True,
+        )
+
+
 def _listening(registration: db.ListenerRegistration) -> bool:
     thread = getattr(registration, "_thread", None)
     return thread is None or bool(thread.is_alive())
@@ -427,5 +549,9 @@ def _stop(registration: db.ListenerRegistration) -> None:
 
 def create(url: str, context: BackendContext) -> RealtimeTier:
     return FirebaseRealtimeTier(
-        url, context.clock, context.realtime_timeout_s, context.realtime_threads
+        url,
+        context.clock,
+        context.realtime_timeout_s,
+        context.realtime_threads,
+        context.live_replay_window_ms,
     )

@@ -4,21 +4,73 @@ It reaches subscribers of this process only; use Redis or Firebase to share a ti
 holds is capped (`Settings.memory_max_bytes`, `memory_max_claims`): past a cap a write fails
 (the send answers "Message failed to send. Retry?") rather than evict anything, since an entry
 may not be saved yet.
+It reaches subscribers of this process only; use Redis or Firebase to share a tier. Each
+channel keeps a log of its writes for an hour, numbered in write order: a live cursor is
+`{incarnation}.{number}`, so a cursor from before a restart is recognised as gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import secrets
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 
 from dualwrite.backends import BackendContext
 from dualwrite.backends._buckets import TokenBuckets
-from dualwrite.backends._recent import RecentIds
 from dualwrite.clock import Clock
-from dualwrite.errors import BackendError
-from dualwrite.model import ChannelRef, LiveEvent, RealtimeMessage
-from dualwrite.ports import RealtimeTier, SendClaim, SendKey, TokenRequest
+from dualwrite.errors import BackendError, CursorExpired, InvalidInput
+from dualwrite.model import ChannelRef, LiveEntry, LiveEvent, RealtimeMessage, ReplayPage
+from dualwrite.ports import LiveFeed, RealtimeTier, SendClaim, SendKey, TokenRequest
+
+
+@dataclass
+class _Log:
+    """A channel's writes in order: ``writes[i]`` is write number ``first + i``."""
+
+    first: int = 1
+    writes: list[tuple[RealtimeMessage, int]] = field(default_factory=list)
+    """(message, time of the write)"""
+
+    @property
+    def last(self) -> int:
+        return self.first + len(self.writes) - 1
+
+    def trim(self, now_ms: int) -> None:
+        """Forget the oldest writes once expired (later expired ones are skipped on read)."""
+        expired = 0
+        while expired < len(self.writes) and self.writes[expired][0].expired(now_ms):
+            expired += 1
+        if expired:
+            del self.writes[:expired]
+            self.first += expired
+
+
+class _MemoryFeed:
+    def __init__(self, tier: MemoryRealtimeTier) -> None:
+        self._tier = tier
+        self.watched: set[ChannelRef] = set()
+        self._entries: asyncio.Queue[LiveEntry] = asyncio.Queue()
+
+    def offer(self, entry: LiveEntry) -> None:
+        if entry.channel in self.watched:
+            self._entries.put_nowait(entry)
+
+    async def watch(self, channel: ChannelRef) -> None:
+        self.watched.add(channel)  # in place at once: writes are offered synchronously
+
+    def unwatch(self, channel: ChannelRef) -> None:
+        self.watched.discard(channel)
+
+    async def next_entries(self) -> list[LiveEntry]:
+        entries = [await self._entries.get()]
+        while not self._entries.empty():
+            entries.append(self._entries.get_nowait())
+        return entries
+
+    async def close(self) -> None:
+        self._tier.feeds.discard(self)
 
 
 class MemoryRealtimeTier:
@@ -33,7 +85,9 @@ class MemoryRealtimeTier:
         self._by_time: dict[ChannelRef, list[tuple[int, str]]] = {}
         self._by_id: dict[ChannelRef, list[str]] = {}  # for read_since, in id order
         self._unconfirmed: dict[ChannelRef, list[tuple[int, str]]] = {}
-        self._subscribers: dict[ChannelRef, set[asyncio.Queue[RealtimeMessage]]] = {}
+        self._logs: dict[ChannelRef, _Log] = {}
+        self._incarnation = secrets.token_hex(4)
+        self.feeds: set[_MemoryFeed] = set()
         self._claims: dict[SendKey, tuple[SendClaim, int]] = {}
         self._buckets = TokenBuckets(lambda: clock.now_ms() / 1000, max_keys=max_buckets)
         self._listeners: dict[str, set[asyncio.Queue[LiveEvent]]] = {}
@@ -66,8 +120,16 @@ class MemoryRealtimeTier:
         if previous is not None:
             _discard(marks, (previous.timestamp, previous.message_id))
         bisect.insort(marks, key)
-        for queue in self._subscribers.get(channel, ()):
-            queue.put_nowait(message)
+        now = self._clock.now_ms()
+        log = self._logs.setdefault(channel, _Log())
+        log.trim(now)
+        log.writes.append((message, now))
+        entry = LiveEntry(channel, message, self._cursor(log.last))
+        for feed in self.feeds:
+            feed.offer(entry)
+
+    def _cursor(self, number: int) -> str:
+        return f"{self._incarnation}.{number}"
 
     async def read(self, channel: ChannelRef, message_id: str) -> RealtimeMessage | None:
         message = self._channels.get(channel, {}).get(message_id)
@@ -156,29 +218,40 @@ class MemoryRealtimeTier:
             if message is not None:
                 _discard(self._unconfirmed.get(channel), (message.timestamp, message_id))
 
-    async def subscribe(
-        self, channel: ChannelRef, after_id: str | None = None
-    ) -> AsyncIterator[RealtimeMessage]:
-        queue: asyncio.Queue[RealtimeMessage] = asyncio.Queue()
-        subscribers = self._subscribers.setdefault(channel, set())
-        subscribers.add(queue)
-        seen = RecentIds()
-        try:
-            # Registered before reading the backlog, so nothing written in between is missed.
-            if after_id is not None:
-                for message in await self.read_since(channel, after_id, limit=1_000_000):
-                    seen.first_time(message.message_id)
-                    yield message
-            while True:
-                message = await queue.get()
-                if not message.expired(self._clock.now_ms()) and seen.first_time(
-                    message.message_id
-                ):
-                    yield message
-        finally:
-            subscribers.discard(queue)
-            if not subscribers:
-                self._subscribers.pop(channel, None)
+    async def read_after(self, channel: ChannelRef, cursor: str | None, limit: int) -> ReplayPage:
+        log = self._logs.get(channel, _Log())
+        after = 0 if cursor is None else self._parse(cursor)
+        if cursor is not None and after < log.first - 1:
+            raise CursorExpired(f"cursor {cursor!r} is older than the realtime tier keeps")
+        now = self._clock.now_ms()
+        live = self._channels.get(channel, {})
+        entries: list[LiveEntry] = []
+        number = max(after, log.first - 1)
+        while number < log.last and len(entries) < limit:
+            number += 1
+            message = log.writes[number - log.first][0]
+            # Skip what expired or was taken back (`delete`) since.
+            if not message.expired(now) and live.get(message.message_id) == message:
+                entries.append(LiveEntry(channel, message, self._cursor(number)))
+        return ReplayPage(entries, self._cursor(number), caught_up=number >= log.last)
+
+    def _parse(self, cursor: str) -> int:
+        incarnation, _, number = cursor.partition(".")
+        if not number.isdigit() or len(number) > 18:
+            raise InvalidInput("cursor", "is not a cursor of this realtime tier")
+        if incarnation != self._incarnation:
+            raise CursorExpired("the cursor is from before the realtime tier restarted")
+        return int(number)
+
+    async def cursor_at(self, channel: ChannelRef, time_ms: int) -> str:
+        log = self._logs.get(channel, _Log())
+        before = bisect.bisect_left(log.writes, time_ms, key=lambda write: write[1])
+        return self._cursor(log.first - 1 + before)
+
+    def live_feed(self) -> LiveFeed:
+        feed = _MemoryFeed(self)
+        self.feeds.add(feed)
+        return feed
 
     async def channels(self) -> list[ChannelRef]:
         return sorted(self._channels)
@@ -203,6 +276,8 @@ class MemoryRealtimeTier:
                 self._by_time.pop(channel, None)
                 self._by_id.pop(channel, None)
                 self._unconfirmed.pop(channel, None)
+        for log in self._logs.values():
+            log.trim(now_ms)
         return deleted
 
     async def claim_send(self, key: SendKey, claim: SendClaim, ttl_ms: int) -> SendClaim:

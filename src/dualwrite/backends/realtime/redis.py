@@ -7,20 +7,27 @@ Per channel, under one hash tag so a cluster keeps them on one slot:
   Redis orders equal scores by member), read by bounded reverse ranges for history pages;
 - `{prefix}{ws/ch}:unconfirmed`: the same, for the messages not yet confirmed saved; the
   reconciler reads only this;
-- `{prefix}{ws/ch}:stream`: a stream of every write, trimmed to the last hour, which live
-  subscribers read from their last position, so a reconnect misses nothing (pub/sub would).
+- `{prefix}{ws/ch}:stream`: a stream of every write, trimmed to the last hour. Its entry ids
+  are the live cursors: they follow write order (a rewrite is a new entry), and a client that
+  resumes after one misses nothing (pub/sub would). `max-deleted-entry-id` tells a cursor whose
+  successors were trimmed away (`CursorExpired`).
 Per workspace, `{prefix}events:{ws}` is a short stream of live events ("saved", "channel"),
 read the same way, so a listener between two blocking reads misses none.
 A write touches all of them in one Lua call, so a reader never sees half of it; concurrent
 writes travel together in one pipeline. `{prefix}channels` (scored by last write) lists the
 channels, so the reconciler and the sweep never scan the keyspace; it is written just before
 the script in the same pipeline (it lives on another slot), so a channel is listed no later
-than its messages. Redis expires records by itself; the sweep only trims the indexes.
+than its messages. Redis expires records by itself; the sweep only trims the indexes. Live
+delivery is one `LiveFeed` per process: a few readers, each one connection blocking in XREAD
+over up to `live_streams_per_read` streams at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import re
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -31,14 +38,22 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dualwrite._coalesce import Coalescer
 from dualwrite.backends import BackendContext
-from dualwrite.backends._recent import RecentIds
 from dualwrite.clock import Clock
-from dualwrite.errors import BackendUnavailable
+from dualwrite.errors import BackendUnavailable, CursorExpired, InvalidInput
 from dualwrite.ids import time_prefix
 from dualwrite.logs import one_line
-from dualwrite.model import REALTIME_TTL_MS, ChannelRef, LiveEvent, RealtimeMessage
-from dualwrite.ports import RealtimeTier, SendClaim, SendKey, TokenRequest
+from dualwrite.model import (
+    REALTIME_TTL_MS,
+    ChannelRef,
+    LiveEntry,
+    LiveEvent,
+    RealtimeMessage,
+    ReplayPage,
+)
+from dualwrite.ports import LiveFeed, RealtimeTier, SendClaim, SendKey, TokenRequest
 from dualwrite.redact import redact_url
+
+log = logging.getLogger(__name__)
 
 _WRITE = """
 local t = redis.call('TIME')
@@ -104,19 +119,29 @@ for i = 2, 4 do redis.call('ZREM', KEYS[i], ARGV[1]) end
 
 _BLOCK_MS = 1000
 _EVENTS_KEPT = 1000
+_PER_STREAM = 500
+"""Entries one XREAD takes from each stream."""
+_STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
 
 
 class RedisRealtimeTier:
     def __init__(
-        self, url: str, prefix: str, clock: Clock, timeout_s: float, max_connections: int = 64
+        self,
+        url: str,
+        prefix: str,
+        clock: Clock,
+        timeout_s: float,
+        streams_per_read: int,
+        max_connections: int = 64,
     ) -> None:
         self._url = url
         self._prefix = prefix
         self._clock = clock
         self._timeout_s = timeout_s
         self._max_connections = max_connections
+        self.streams_per_read = streams_per_read
+        self._options: dict[str, Any] = {}
         self._redis: aioredis.Redis | None = None
-        self._listen_redis: aioredis.Redis | None = None
         self._write_script: Any = None
         self._take_script: Any = None
         self._read_before_script: Any = None
@@ -141,9 +166,7 @@ class RedisRealtimeTier:
             self._url, max_connections=self._max_connections, timeout=self._timeout_s, **options
         )
         self._redis = aioredis.Redis(connection_pool=pool)
-        # Live subscriptions block on XREAD; they get their own connections, so that they can
-        # never starve the writes.
-        self._listen_redis = aioredis.Redis.from_url(self._url, **options)
+        self._options = options
         self._write_script = self._redis.register_script(_WRITE)
         self._take_script = self._redis.register_script(_TAKE)
         self._read_before_script = self._redis.register_script(_READ_BEFORE)
@@ -158,10 +181,30 @@ class RedisRealtimeTier:
             ) from exc
 
     async def close(self) -> None:
-        for client in (self._redis, self._listen_redis):
-            if client is not None:
-                await client.aclose()
-        self._redis = self._listen_redis = None
+        if self._redis is not None:
+            await self._redis.aclose()
+        self._redis = None
+
+    def reader_connection(self) -> Any:
+        """A connection of its own for a live reader: a blocking XREAD never holds a pooled
+        connection the writes need."""
+        return aioredis.Redis.from_url(self._url, single_connection_client=True, **self._options)
+
+    def stream_key(self, channel: ChannelRef) -> str:
+        return self._key(channel, "stream")
+
+    def decode_entry(self, channel: ChannelRef, entry_id: str, fields: Any) -> LiveEntry | None:
+        """A stream entry as a `LiveEntry`, unless expired by the (injectable) clock."""
+        try:
+            message = RealtimeMessage.from_wire(fields["id"], json.loads(fields["data"]))
+        except (KeyError, ValueError, TypeError):
+            # Not ours (another writer, a damaged entry): skipped, so it cannot stop the
+            # reader of every channel, nor a resume that would meet it again and again.
+            log.warning("skipping a malformed stream entry: %s %s", channel, entry_id)
+            return None
+        if message.expired(self._clock.now_ms()):
+            return None
+        return LiveEntry(channel, message, entry_id)
 
     @property
     def _r(self) -> Any:
@@ -354,30 +397,49 @@ class RedisRealtimeTier:
                 pipe.zrem(self._key(channel, "unconfirmed"), message_id)
             await pipe.execute()
 
-    async def subscribe(
-        self, channel: ChannelRef, after_id: str | None = None
-    ) -> AsyncIterator[RealtimeMessage]:
-        stream = self._key(channel, "stream")
-        # Take the stream position before reading the backlog: what is written in between
-        # arrives twice at most, and `seen` drops the repeat.
-        last = await self._r.xrevrange(stream, "+", "-", count=1)
-        position = last[0][0] if last else "0-0"
-        seen = RecentIds()
-        if after_id is not None:
-            for message in await self.read_since(channel, after_id, 1_000_000):
-                seen.first_time(message.message_id)
-                yield message
-        while True:
-            listener: Any = self._listen_redis
-            batches = await listener.xread({stream: position}, count=500, block=_BLOCK_MS)
-            for _, entries in batches or ():
-                for entry_id, fields in entries:
-                    position = entry_id
-                    message = RealtimeMessage.from_wire(fields["id"], json.loads(fields["data"]))
-                    if not message.expired(self._clock.now_ms()) and seen.first_time(
-                        message.message_id
-                    ):
-                        yield message
+    async def read_after(self, channel: ChannelRef, cursor: str | None, limit: int) -> ReplayPage:
+        if cursor is not None and (
+            not _STREAM_ID.fullmatch(cursor) or max(_position(cursor)) >= 2**64
+        ):
+            raise InvalidInput("cursor", "is not a cursor of this realtime tier")
+        stream = self.stream_key(channel)
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.xrange(stream, "-" if cursor is None else f"({cursor}", "+", count=limit)
+            pipe.xinfo_stream(stream)
+            raw, info = await pipe.execute(raise_on_error=False)
+        if isinstance(raw, Exception):
+            raise raw
+        if cursor is not None:
+            self._check_kept(cursor, None if isinstance(info, Exception) else info)
+        entries = []
+        for entry_id, fields in raw:
+            entry = self.decode_entry(channel, entry_id, fields)
+            if entry is not None:
+                entries.append(entry)
+        last = raw[-1][0] if raw else (cursor or "0-0")
+        return ReplayPage(entries, last, caught_up=len(raw) < limit)
+
+    def _check_kept(self, cursor: str, info: dict[str, Any] | None) -> None:
+        """Raise `CursorExpired` if an entry after ``cursor`` may have been trimmed away."""
+        position = _position(cursor)
+        if info is None:
+            # No stream: it expired an hour after its last write, or Redis lost it. Either way
+            # whatever followed the cursor is no longer here.
+            if position > (0, 0):
+                raise CursorExpired(f"cursor {cursor!r} is older than the realtime tier keeps")
+            return
+        # Trimmed past the cursor (Redis 7 tells), or so old that it may have been.
+        deleted = info.get("max-deleted-entry-id")
+        trimmed = deleted is not None and position < _position(str(deleted))
+        if trimmed or position[0] < self._clock.now_ms() - REALTIME_TTL_MS:
+            raise CursorExpired(f"cursor {cursor!r} is older than the realtime tier keeps")
+
+    async def cursor_at(self, channel: ChannelRef, time_ms: int) -> str:
+        # Stream ids start with Redis's own clock in ms: best effort across clocks.
+        return f"{time_ms - 1}-{2**64 - 1}" if time_ms > 0 else "0-0"
+
+    def live_feed(self) -> LiveFeed:
+        return _RedisFeed(self)
 
     async def channels(self) -> list[ChannelRef]:
         since = self._clock.now_ms() - REALTIME_TTL_MS
@@ -430,16 +492,179 @@ class RedisRealtimeTier:
             await pipe.execute()
 
     async def events(self, workspace_id: str) -> AsyncIterator[LiveEvent]:
+        # One connection per watched workspace per process, blocking in XREAD on its stream:
+        # workspaces are few beside channels (whose messages share a reader per thousand).
         key = self._events_key(workspace_id)
         last = await self._r.xrevrange(key, "+", "-", count=1)
         position = last[0][0] if last else "0-0"
-        while True:
-            listener: Any = self._listen_redis
-            batches = await listener.xread({key: position}, count=500, block=_BLOCK_MS)
-            for _, entries in batches or ():
-                for entry_id, fields in entries:
-                    position = entry_id
-                    yield LiveEvent.from_wire(json.loads(fields["data"]))
+        listener: Any = self.reader_connection()
+        try:
+            while True:
+                batches = await listener.xread({key: position}, count=500, block=_BLOCK_MS)
+                for _, entries in batches or ():
+                    for entry_id, fields in entries:
+                        position = entry_id
+                        yield LiveEvent.from_wire(json.loads(fields["data"]))
+        finally:
+            await listener.aclose()
+
+
+def _position(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class _Reader:
+    """One connection blocking in XREAD over a share of the watched channels' streams."""
+
+    def __init__(self, feed: _RedisFeed) -> None:
+        self.feed = feed
+        self.positions: dict[ChannelRef, str] = {}
+        self._changed = asyncio.Event()
+        self._blocked_id: int | None = None
+        self._closed = False
+        self.task = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        # A flag as well as a cancel: a cancel that lands as redis-py's read times out can come
+        # out as a TimeoutError (asyncio.timeout in Python 3.11), which the loop would retry.
+        self._closed = True
+        self._wake()
+        self.task.cancel()
+        await asyncio.wait({self.task}, timeout=5)
+
+    def add(self, channel: ChannelRef, position: str) -> None:
+        self.positions[channel] = position
+        self._wake()
+
+    def remove(self, channel: ChannelRef) -> None:
+        self.positions.pop(channel, None)
+
+    def _wake(self) -> None:
+        """A blocked XREAD does not see a new stream: unblock it to start again with it."""
+        self._changed.set()
+        if self._blocked_id is not None:
+            self.feed.unblock(self._blocked_id)
+
+    async def _run(self) -> None:
+        tier = self.feed.tier
+        connection = tier.reader_connection()
+        client_id: int | None = None  # asked again after a failure: a reconnect changes it
+        failures = 0
+        try:
+            while not self._closed:
+                if not self.positions:
+                    self._changed.clear()
+                    await self._changed.wait()
+                    continue
+                watched = dict(self.positions)
+                keys = {tier.stream_key(channel): channel for channel in watched}
+                try:
+                    if client_id is None:
+                        client_id = int(await connection.client_id())
+                    self._blocked_id = client_id
+                    self._changed.clear()
+                    reply = await connection.xread(
+                        {k: watched[c] for k, c in keys.items()}, count=_PER_STREAM, block=_BLOCK_MS
+                    )
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:
+                    # The positions stay: once Redis answers again, nothing is skipped.
+                    failures += 1
+                    client_id = None
+                    if failures == 1:
+                        log.warning("live reader failed, retrying: %r", error)
+                    await asyncio.sleep(min(5.0, 0.2 * 2**failures))
+                    continue
+                finally:
+                    self._blocked_id = None
+                failures = 0
+                self._dispatch(keys, reply or ())
+        finally:
+            await connection.aclose()
+
+    def _dispatch(self, keys: dict[str, ChannelRef], reply: Any) -> None:
+        entries: list[LiveEntry] = []
+        for key, stream_entries in reply:
+            channel = keys[key]
+            if channel not in self.positions:
+                continue  # unwatched while the read was out
+            for entry_id, fields in stream_entries:
+                self.positions[channel] = entry_id
+                entry = self.feed.tier.decode_entry(channel, entry_id, fields)
+                if entry is not None:
+                    entries.append(entry)
+        if entries:
+            self.feed.out.put_nowait(entries)
+
+
+class _RedisFeed:
+    """Every watched channel of a process, over ceil(channels / streams_per_read) readers."""
+
+    def __init__(self, tier: RedisRealtimeTier) -> None:
+        self.tier = tier
+        self.out: asyncio.Queue[list[LiveEntry]] = asyncio.Queue()
+        self._readers: list[_Reader] = []
+        self._reader_of: dict[ChannelRef, _Reader] = {}
+        self._unblocks: set[asyncio.Task[Any]] = set()
+        self._heads: Coalescer[ChannelRef] = Coalescer(
+            self._place_many, self._place_one, max_batch=500, max_in_flight=2
+        )
+
+    async def watch(self, channel: ChannelRef) -> None:
+        if channel not in self._reader_of:
+            await self._heads.submit(channel)
+
+    async def _place_one(self, channel: ChannelRef) -> None:
+        await self._place_many([channel])
+
+    async def _place_many(self, channels: Sequence[ChannelRef]) -> None:
+        """Fix each channel's position at its stream's last entry: in place, as every later
+        write gets a greater id. Concurrent watches (a restart's reconnects) share a pipeline
+        and take few pooled connections from the sends."""
+        async with self.tier._r.pipeline(transaction=False) as pipe:
+            for channel in channels:
+                pipe.xrevrange(self.tier.stream_key(channel), "+", "-", count=1)
+            lasts = await pipe.execute()
+        for channel, last in zip(channels, lasts, strict=True):
+            if channel not in self._reader_of:
+                self._follow(channel, last[0][0] if last else "0-0")
+
+    def _follow(self, channel: ChannelRef, position: str) -> None:
+        reader = next(
+            (r for r in self._readers if len(r.positions) < self.tier.streams_per_read), None
+        )
+        if reader is None:
+            reader = _Reader(self)
+            self._readers.append(reader)
+        self._reader_of[channel] = reader
+        reader.add(channel, position)
+
+    def unwatch(self, channel: ChannelRef) -> None:
+        reader = self._reader_of.pop(channel, None)
+        if reader is not None:
+            reader.remove(channel)
+
+    def unblock(self, client_id: int) -> None:
+        task = asyncio.create_task(self.tier._r.client_unblock(client_id))
+        self._unblocks.add(task)
+        # Best effort (an ACL may forbid it): a new channel then waits one BLOCK at most.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        task.add_done_callback(self._unblocks.discard)
+
+    async def next_entries(self) -> list[LiveEntry]:
+        entries = await self.out.get()
+        while not self.out.empty():
+            entries += self.out.get_nowait()
+        return entries
+
+    async def close(self) -> None:
+        await asyncio.gather(*(r.close() for r in self._readers), return_exceptions=True)
+        for task in self._unblocks:
+            task.cancel()
+        await asyncio.gather(*self._unblocks, return_exceptions=True)
+        self._readers.clear()
 
 
 def create(url: str, context: BackendContext) -> RealtimeTier:
@@ -449,5 +674,10 @@ def create(url: str, context: BackendContext) -> RealtimeTier:
     max_connections = int(query.pop("max_connections", "64"))
     clean = urlunsplit(parts._replace(query=urlencode(query)))
     return RedisRealtimeTier(
-        clean, prefix, context.clock, context.realtime_timeout_s, max_connections
+        clean,
+        prefix,
+        context.clock,
+        context.realtime_timeout_s,
+        context.live_streams_per_read,
+        max_connections,
     )

@@ -1,0 +1,239 @@
+"""Live delivery: one feed per process reads every watched channel and fans its writes out.
+
+A listener watches one channel from a start: nothing (from now), a cursor (resume after it, in
+write order) or a message id (best effort: from `live_replay_window_ms` before that id's time,
+skipping ids up to it). What it gets:
+
+- every write after its start at least once, in write order (a rewrite of an id, as a repeated
+  send makes, is a write of its own); a client keeps the cursor of the last entry it received
+  and resumes after it, so it can drop repeats by message id;
+- the backlog first, paged until caught up (never capped), joined to the live writes without a
+  gap: the channel is watched before the backlog is read, and the overlap is dropped;
+- `Overflowed` when it lets more than `live_buffer` entries wait: nothing it received is taken
+  back, so resuming after its last cursor misses nothing;
+- `CursorExpired` when its cursor is older than the realtime tier keeps: reload history.
+
+A channel is watched while it has a listener; its last listener leaving releases it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from dualwrite.errors import DualWriteError, InvalidInput
+from dualwrite.ids import ID_LENGTH, PUSH_CHARS, timestamp_of
+from dualwrite.model import ChannelRef, LiveEntry
+from dualwrite.ports import LiveFeed, RealtimeTier
+from dualwrite.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Overflowed(DualWriteError):
+    """The listener fell more than its buffer behind; it resumes after its last cursor."""
+
+
+@dataclass(frozen=True)
+class LiveLimits:
+    """The bounds live delivery runs under; `Settings` holds their defaults."""
+
+    buffer: int
+    page: int
+    replay_window_ms: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LiveLimits:
+        return cls(
+            settings.live_buffer,
+            settings.live_replay_page,
+            int(settings.live_replay_window_s * 1000),
+        )
+
+
+class _Listener:
+    def __init__(self, buffer: int) -> None:
+        self._buffer = buffer
+        self._entries: deque[LiveEntry] = deque()
+        self._ready = asyncio.Event()
+        self.replaying = True
+        self.overflowed = False
+        self.overflow = asyncio.Event()
+
+    def offer(self, entry: LiveEntry) -> None:
+        if self.overflowed:
+            return
+        if len(self._entries) >= self._buffer:
+            if self.replaying:
+                # The backlog is still being read and will reach past these: let them go.
+                self._entries.clear()
+            else:
+                # Nothing is dropped from the front: what the client got stays its resume point.
+                self.overflowed = True
+                self.overflow.set()
+                self._ready.set()
+                return
+        self._entries.append(entry)
+        self._ready.set()
+
+    def waiting(self) -> int:
+        return len(self._entries)
+
+    async def take(self) -> list[LiveEntry]:
+        while not self._entries and not self.overflowed:
+            self._ready.clear()
+            await self._ready.wait()
+        if self.overflowed:
+            raise Overflowed(f"more than {self._buffer} entries waiting")
+        entries = list(self._entries)
+        self._entries.clear()
+        return entries
+
+
+class Subscription:
+    """One listener's entries (iterate it) and its overflow, which is set the moment it
+    happens: a consumer stuck sending to a stalled client learns of it without iterating."""
+
+    def __init__(self, entries: AsyncIterator[LiveEntry], overflow: asyncio.Event) -> None:
+        self._entries = entries
+        self.overflow = overflow
+
+    def __aiter__(self) -> AsyncIterator[LiveEntry]:
+        return self._entries
+
+    async def aclose(self) -> None:
+        await self._entries.aclose()  # type: ignore[attr-defined]
+
+
+@dataclass(eq=False)
+class _Channel:
+    watching: asyncio.Task[None]
+    listeners: set[_Listener] = field(default_factory=set)
+
+
+class LiveHub:
+    """Fans the writes of watched channels out to their listeners; one per process."""
+
+    def __init__(self, realtime: RealtimeTier, limits: LiveLimits) -> None:
+        self._realtime = realtime
+        self.limits = limits
+        self._channels: dict[ChannelRef, _Channel] = {}
+        self._feed: LiveFeed | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+
+    def _started(self) -> LiveFeed:
+        if self._feed is None:
+            self._feed = self._realtime.live_feed()
+            self._dispatcher = asyncio.create_task(self._dispatch(self._feed))
+        return self._feed
+
+    async def close(self) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            await asyncio.gather(self._dispatcher, return_exceptions=True)
+        for entry in self._channels.values():
+            entry.watching.cancel()
+        if self._feed is not None:
+            await self._feed.close()
+        self._feed = self._dispatcher = None
+        self._channels.clear()
+
+    @property
+    def watched(self) -> int:
+        """How many channels are watched now."""
+        return len(self._channels)
+
+    async def _dispatch(self, feed: LiveFeed) -> None:
+        while True:
+            try:
+                entries = await feed.next_entries()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("live feed failed")
+                await asyncio.sleep(1)
+                continue
+            for entry in entries:
+                channel = self._channels.get(entry.channel)
+                if channel is not None:
+                    for listener in list(channel.listeners):
+                        listener.offer(entry)
+
+    @contextlib.asynccontextmanager
+    async def listen(
+        self, channel: ChannelRef, *, cursor: str | None = None, after_id: str | None = None
+    ) -> AsyncIterator[Subscription]:
+        """Entries of ``channel`` from the given start (see the module docstring).
+
+        Raises `CursorExpired`, `InvalidInput` (a cursor of no tier) and `Overflowed` from the
+        iteration; a failure to watch the channel from entering.
+        """
+        feed = self._started()
+        listener = _Listener(self.limits.buffer)
+        entry = self._channels.get(channel)
+        if entry is None:
+            entry = _Channel(asyncio.create_task(feed.watch(channel)))
+            self._channels[channel] = entry
+        entry.listeners.add(listener)
+        try:
+            await asyncio.shield(entry.watching)
+            yield Subscription(
+                self._entries(channel, listener, cursor, after_id), listener.overflow
+            )
+        finally:
+            entry.listeners.discard(listener)
+            if not entry.listeners:
+                self._release(channel, entry)
+
+    def _release(self, channel: ChannelRef, entry: _Channel) -> None:
+        """Stop watching a channel nobody listens to, once its watch has settled."""
+        if not entry.watching.done():
+            entry.watching.add_done_callback(lambda _: self._release(channel, entry))
+            return
+        if entry.listeners or self._channels.get(channel) is not entry:
+            return
+        del self._channels[channel]
+        watched = not entry.watching.cancelled() and entry.watching.exception() is None
+        if self._feed is not None and watched:
+            self._feed.unwatch(channel)
+
+    async def _entries(
+        self, channel: ChannelRef, listener: _Listener, cursor: str | None, after_id: str | None
+    ) -> AsyncIterator[LiveEntry]:
+        # The channel is watched already: every write from here on reaches the listener, so the
+        # backlog only has to be read until it is caught up once.
+        tail: deque[str] = deque(maxlen=self.limits.buffer)
+        if cursor is not None or after_id is not None:
+            if cursor is None:
+                assert after_id is not None
+                if len(after_id) != ID_LENGTH or any(c not in PUSH_CHARS for c in after_id):
+                    raise InvalidInput("after", "is not a message id")
+                since = timestamp_of(after_id) - self.limits.replay_window_ms
+                cursor = await self._realtime.cursor_at(channel, since)
+            while True:
+                page = await self._realtime.read_after(channel, cursor, self.limits.page)
+                listener.replaying = not page.caught_up
+                for entry in page.entries:
+                    tail.append(entry.cursor)
+                    if after_id is None or entry.message.message_id > after_id:
+                        yield entry
+                cursor = page.next_cursor
+                if page.caught_up:
+                    break
+        listener.replaying = False
+        # Live writes the backlog already gave come first (it reached past them); once the last
+        # one it gave comes live, all later ones are new. A bounded set: only writes that waited
+        # in the buffer while the backlog caught up can be in both.
+        last, replayed = (tail[-1] if tail else None), set(tail)
+        tail.clear()
+        while True:
+            for entry in await listener.take():
+                if replayed and entry.cursor in replayed:
+                    if entry.cursor == last:
+                        replayed = set()
+                    continue
+                yield entry
