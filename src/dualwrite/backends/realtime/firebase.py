@@ -40,6 +40,7 @@ import firebase_admin
 from firebase_admin import db
 
 from dualwrite.backends import BackendContext, _firebase_app
+from dualwrite.backends._batches import next_batches
 from dualwrite.backends._recent import RecentIds
 from dualwrite.clock import Clock
 from dualwrite.errors import CursorExpired, InvalidInput, UnknownBackend
@@ -506,10 +507,7 @@ class _FirebaseFeed:
             task.add_done_callback(self._stopping.discard)
 
     async def next_entries(self) -> list[LiveEntry]:
-        entries = await self._out.get()
-        while not self._out.empty():
-            entries += self._out.get_nowait()
-        return entries
+        return await next_batches(self._out)
 
     async def close(self) -> None:
         self._liveness.cancel()

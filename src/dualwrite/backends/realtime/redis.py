@@ -38,6 +38,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dualwrite._coalesce import Coalescer
 from dualwrite.backends import BackendContext
+from dualwrite.backends._batches import next_batches
 from dualwrite.clock import Clock
 from dualwrite.errors import BackendUnavailable, CursorExpired, InvalidInput
 from dualwrite.ids import time_prefix
@@ -654,10 +655,7 @@ class _RedisFeed:
         task.add_done_callback(self._unblocks.discard)
 
     async def next_entries(self) -> list[LiveEntry]:
-        entries = await self.out.get()
-        while not self.out.empty():
-            entries += self.out.get_nowait()
-        return entries
+        return await next_batches(self.out)
 
     async def close(self) -> None:
         await asyncio.gather(*(r.close() for r in self._readers), return_exceptions=True)
