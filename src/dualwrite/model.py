@@ -230,6 +230,9 @@ _CURSOR_VERSION = "c1"
 _CURSOR_MAX_CHARS = 128
 
 
+_MAX_CURSOR_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+
+
 def parse_history_cursor(before: str) -> tuple[int, str]:
     """The sort key a `history_cursor` holds; `InvalidInput` for anything else."""
     from dualwrite.errors import InvalidInput
@@ -244,7 +247,8 @@ def parse_history_cursor(before: str) -> tuple[int, str]:
         raise refused from error
     if version != _CURSOR_VERSION or not (timestamp.isascii() and timestamp.isdigit()):
         raise refused
-    if len(timestamp) > 16:
+    # Past year 9999 no store can represent the time (PostgreSQL's interval overflows).
+    if len(timestamp) > 16 or int(timestamp) > _MAX_CURSOR_MS:
         raise refused
     if not message_id or not message_id.isascii() or not message_id.isprintable():
         raise refused

@@ -11,6 +11,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from dualwrite.model import history_cursor
 from tests.server.conftest import METRICS_TOKEN, SECRET, Api
 
 MESSAGES = "/api/workspaces/acme/channels/general/messages"
@@ -267,3 +268,17 @@ def test_history_with_the_store_down_is_503_not_a_crash(api: Api) -> None:
     assert "unavailable" in response.json()["error"]
     # Sending still works: delivered, queued.
     assert api.client.post(MESSAGES, headers=api.auth(), json={"text": "x"}).status_code == 202
+
+
+def test_a_first_frame_token_no_encoder_takes_is_a_4401_not_a_crash(api: Api) -> None:
+    with connect(f"{api.ws_base}/ws/workspaces/acme/channels/general") as ws:
+        ws.send('{"token": "\\ud800"}')  # a lone surrogate, escaped in the JSON
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+
+
+def test_a_cursor_past_year_9999_is_refused_not_sent_to_the_store(api: Api) -> None:
+    before = history_cursor(9_999_999_999_999_999, "-x")
+    response = api.client.get(MESSAGES, params={"before": before}, headers=api.auth())
+    assert response.status_code == 422

@@ -443,3 +443,8 @@ def test_15_metrics_only_on_their_own_bind_or_behind_a_token(tmp_path: Path) -> 
         assert httpx.get(f"{server.base}/metrics").status_code == 401
         assert httpx.get(f"{server.base}/metrics", headers=bearer("wrong")).status_code == 401
         assert httpx.get(f"{server.base}/metrics", headers=bearer(metrics_token)).status_code == 200
+
+
+def test_1_dev_sign_in_refuses_any_host(tmp_path: Path) -> None:
+    printed = refused_start(tmp_path, "--dev-sign-in", "--allowed-host", "*", env=NO_SECRET)
+    assert "--allowed-host '*'" in printed and "DNS rebinding" in printed

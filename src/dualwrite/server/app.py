@@ -128,6 +128,11 @@ def check_exposure(server_settings: ServerSettings) -> None:
             f"--dev-sign-in lets anyone sign in as anyone: it is refused on {server_settings.host}"
             " (bind to 127.0.0.1, or configure DUALWRITE_TOKEN_SECRET and mint tokens)"
         )
+    if server_settings.dev_sign_in and "*" in server_settings.extra_hosts:
+        raise BadSetting(
+            "--dev-sign-in with --allowed-host '*' would let any web page a developer visits "
+            "sign in to this server (DNS rebinding): name the hosts instead"
+        )
     emulator = auth_emulator_host()
     if server_settings.firebase_project and emulator:
         if not server_settings.firebase_auth_emulator:

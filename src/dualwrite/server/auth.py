@@ -81,7 +81,8 @@ class TokenSigner:
                 leeway=_LEEWAY_S,
                 options={"require": ["sub", "name", "workspaceId", "exp", "iat", "iss", "aud"]},
             )
-        except jwt.PyJWTError as error:
+        # ValueError too: a first frame can carry text no encoder takes (a lone surrogate).
+        except (jwt.PyJWTError, ValueError) as error:
             raise Unauthorized(str(error)) from None
         expires_at = _bounded_expiry(claims, self.max_lifetime_s)
         try:
