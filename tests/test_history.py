@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from dualwrite import InvalidInput, User
-from dualwrite.model import REALTIME_TTL_MS, ChannelRef, RealtimeMessage, history_cursor
+from dualwrite.model import (
+    REALTIME_TTL_MS,
+    ChannelRef,
+    PermanentWrite,
+    RealtimeMessage,
+    history_cursor,
+)
 from tests.conftest import Harness, unique
 
 
 @pytest.fixture
 def channel() -> ChannelRef:
     return ChannelRef(unique("ws"), unique("ch"))
+
+
+def message(message_id: str, sent_at: int) -> RealtimeMessage:
+    return RealtimeMessage(message_id, "u1", "Ada", message_id, sent_at, sent_at + REALTIME_TTL_MS)
 
 
 async def delivered(harness: Harness, channel: ChannelRef, count: int) -> list[RealtimeMessage]:
@@ -78,3 +90,31 @@ async def test_the_cursor_is_opaque_and_forgeries_are_refused(
 
 
 ADA = User("u1", "Ada")
+
+
+async def test_a_sender_clock_ahead_of_the_store_hides_no_unsaved_message(
+    harness: Harness,
+) -> None:
+    """Saved entries whose sender clock ran 3 s ahead sort above their stored copies; an
+    unsaved entry between the two must still be on some page, once."""
+    channel = ChannelRef(unique("ws"), unique("ch"))
+    now = harness.clock.now_ms()
+    expected = []
+    for i in range(10):
+        skewed = message(f"-skew{i:02d}", now + 3_000 + i)
+        await harness.realtime.write(channel, skewed)
+        stored = replace(PermanentWrite.of(channel, skewed), sent_at=now + i).as_retry()
+        await harness.store.save(stored)
+        expected.append(skewed.message_id)
+    unsaved = message("-unsaved", now + 20)
+    await harness.realtime.write(channel, unsaved)
+    expected.append(unsaved.message_id)
+    seen: list[str] = []
+    before = None
+    for _ in range(10):
+        page = await harness.dw.history(channel.workspace_id, channel.channel_id, before, 5)
+        seen += [m.message_id for m in page.messages]
+        if page.next_before is None:
+            break
+        before = page.next_before
+    assert sorted(seen) == sorted(expected)
