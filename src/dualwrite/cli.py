@@ -632,7 +632,7 @@ async def _migrate(args: argparse.Namespace) -> int:
         return 0
     from dualwrite.backends.permanent import postgres
 
-    context = BackendContext(call_timeout_s=settings.permanent_timeout_s)
+    context = BackendContext.from_settings(settings)
     version = await postgres.from_url(settings.store_url, context).migrate_now()
     print(f"migrated {redact_url(settings.store_url)} to schema version {version}")
     return 0

@@ -90,18 +90,7 @@ async def open_dualwrite(
     settings = settings or Settings.from_env()
     clock = clock or SystemClock()
     init_sentry(settings.sentry_dsn)
-    context = BackendContext(
-        clock=clock,
-        call_timeout_s=settings.permanent_timeout_s,
-        realtime_timeout_s=settings.realtime_timeout_s,
-        realtime_threads=settings.realtime_threads,
-        migrate_on_start=settings.migrate_on_start,
-        memory_max_bytes=settings.memory_max_bytes,
-        memory_max_claims=settings.memory_max_claims,
-        memory_max_buckets=settings.memory_max_buckets,
-        live_streams_per_read=settings.live_streams_per_read,
-        live_replay_window_ms=int(settings.live_replay_window_s * 1000),
-    )
+    context = BackendContext.from_settings(settings, clock)
     realtime = realtime or create_realtime_tier(settings.realtime_url, context)
     store = store or create_permanent_store(settings.store_url, context)
     if settings.group_commit:

@@ -45,6 +45,22 @@ class BackendContext:
     live_replay_window_ms: int = int(Settings.live_replay_window_s * 1000)
     """Firebase: a resume replays this much before its cursor (ids follow creation order)."""
 
+    @classmethod
+    def from_settings(cls, settings: Settings, clock: Clock | None = None) -> BackendContext:
+        """What ``settings`` say each backend needs (the one place that maps them)."""
+        return cls(
+            clock=clock or SystemClock(),
+            call_timeout_s=settings.permanent_timeout_s,
+            realtime_timeout_s=settings.realtime_timeout_s,
+            realtime_threads=settings.realtime_threads,
+            migrate_on_start=settings.migrate_on_start,
+            memory_max_bytes=settings.memory_max_bytes,
+            memory_max_claims=settings.memory_max_claims,
+            memory_max_buckets=settings.memory_max_buckets,
+            live_streams_per_read=settings.live_streams_per_read,
+            live_replay_window_ms=int(settings.live_replay_window_s * 1000),
+        )
+
 
 # The extra (pyproject.toml) that brings each backend's driver.
 _EXTRAS = {

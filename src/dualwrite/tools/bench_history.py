@@ -123,13 +123,7 @@ async def _time_pages(
 
 
 def _backends(settings: Settings) -> tuple[RealtimeTier, PermanentStore]:
-    context = BackendContext(
-        clock=SystemClock(),
-        call_timeout_s=settings.permanent_timeout_s,
-        realtime_timeout_s=settings.realtime_timeout_s,
-        realtime_threads=settings.realtime_threads,
-        migrate_on_start=settings.migrate_on_start,
-    )
+    context = BackendContext.from_settings(settings)
     return (
         create_realtime_tier(settings.realtime_url, context),
         create_permanent_store(settings.store_url, context),
