@@ -1,6 +1,6 @@
 """Shared fixtures. Backends are listed once here; every contract suite runs over all of them.
 
-Service-backed backends are marked (``redis``, ``postgres``, ``firebase``) and skipped only when
+Service-backed backends are marked (``redis``, ``redis_cluster``, ``postgres``, ``firebase``) and skipped only when
 their URL variable is unset; `.ci/run` sets them all, so CI runs everything.
 """
 
@@ -40,6 +40,8 @@ def realtime_url(kind: str, tmp_path: Path) -> str:
         return "memory://"
     if kind == "redis":
         return f"{_service_url('DUALWRITE_TEST_REDIS_URL')}?prefix={unique()}:"
+    if kind == "redis-cluster":
+        return f"{_service_url('DUALWRITE_TEST_REDIS_CLUSTER_URL')}?prefix={unique()}:"
     if kind in ("firebase-rest", "firebase-server"):
         return firebase_servers().realtime_url(kind)
     raise AssertionError(kind)
@@ -106,6 +108,7 @@ def _drop_test_schemas() -> Iterator[None]:
 REALTIME_KINDS = [
     pytest.param("memory", id="rt-memory"),
     pytest.param("redis", id="rt-redis", marks=pytest.mark.redis),
+    pytest.param("redis-cluster", id="rt-redis-cluster", marks=pytest.mark.redis_cluster),
     pytest.param("firebase-rest", id="rt-firebase-rest", marks=pytest.mark.firebase),
     pytest.param("firebase-server", id="rt-firebase-server", marks=pytest.mark.firebase),
 ]

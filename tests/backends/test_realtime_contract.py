@@ -228,7 +228,7 @@ async def test_an_expired_claim_no_longer_binds_its_key(
     realtime: RealtimeTier, realtime_kind: str, clock: ManualClock
 ) -> None:
     needs(realtime_kind, "transaction")
-    if realtime_kind == "redis":
+    if realtime_kind.startswith("redis"):
         pytest.skip("Redis expires keys by its own clock (PX), which the test clock cannot move")
     key = SendKey(unique("ws"), "u1", "client-1")
     first = SendClaim("-first", 1, "f1")
@@ -287,7 +287,7 @@ async def test_take_tokens_refills_with_time(
     realtime: RealtimeTier, realtime_kind: str, clock: ManualClock
 ) -> None:
     needs(realtime_kind, "transaction")
-    if realtime_kind == "redis":
+    if realtime_kind.startswith("redis"):
         pytest.skip("Redis refills by its own clock (TIME), which the test clock cannot move")
     key = unique("limit")
     assert await realtime.take_tokens(take(key, 1, 1.0, 1)) == 0.0
@@ -418,7 +418,7 @@ async def test_unconfirmed_channels_lists_the_channels_holding_old_marks(
 async def test_a_malformed_entry_in_a_redis_stream_is_skipped_live_and_on_resume(
     realtime: RealtimeTier, realtime_kind: str, clock: ManualClock, ids: PushIdGenerator
 ) -> None:
-    if realtime_kind != "redis":
+    if not realtime_kind.startswith("redis"):
         pytest.skip("writes a raw stream entry, as another program sharing Redis could")
     channel = ChannelRef(unique("ws"), "general")
     feed = realtime.live_feed()
