@@ -1,7 +1,7 @@
 """Shared fixtures. Backends are listed once here; every contract suite runs over all of them.
 
-Service-backed backends are marked (``redis``, ``redis_cluster``, ``postgres``, ``firebase``) and skipped only when
-their URL variable is unset; `.ci/run` sets them all, so CI runs everything.
+Service-backed backends are marked (``redis``, ``redis_cluster``, ``postgres``, ``firebase``) and
+skipped only when their URL variable is unset; `.ci/run` sets them all, so CI runs everything.
 """
 
 from __future__ import annotations
@@ -123,6 +123,11 @@ PAIRS = [
     pytest.param(("memory", "sqlite"), id="embedded"),
     pytest.param(
         ("redis", "postgres"), id="redis+postgres", marks=[pytest.mark.redis, pytest.mark.postgres]
+    ),
+    pytest.param(
+        ("redis-cluster", "postgres"),
+        id="redis-cluster+postgres",
+        marks=[pytest.mark.redis_cluster, pytest.mark.postgres],
     ),
 ]
 

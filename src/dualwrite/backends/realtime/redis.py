@@ -161,9 +161,10 @@ class RedisRealtimeTier:
         self._write_script: Any = None
         self._take_script: Any = None
         self._read_before_script: Any = None
-        self._writes: Coalescer[tuple[ChannelRef, RealtimeMessage]] = Coalescer(
-            self._write_many, self._write_one, max_batch=256, max_in_flight=8
-        )
+        self._writes = self._write_batches()
+        # Cluster: a batch per primary, so that a batch fails with its node and only then
+        # (a write to a node being failed over does not take writes to the others with it).
+        self._writes_to: dict[str, Coalescer[tuple[ChannelRef, RealtimeMessage]]] = {}
         # Every saved send clears its mark: concurrent ones share one pipeline.
         self._confirms: Coalescer[tuple[ChannelRef, str]] = Coalescer(
             self._confirm_many, self._confirm_one, max_batch=256, max_in_flight=8
@@ -262,8 +263,17 @@ class RedisRealtimeTier:
     def _registry(self) -> str:
         return f"{self._prefix}channels"
 
+    def _write_batches(self) -> Coalescer[tuple[ChannelRef, RealtimeMessage]]:
+        return Coalescer(self._write_many, self._write_one, max_batch=256, max_in_flight=8)
+
     async def write(self, channel: ChannelRef, message: RealtimeMessage) -> None:
-        await self._writes.submit((channel, message))
+        writes = self._writes
+        if self.cluster:
+            node = self._r.get_node_from_key(self.stream_key(channel)).name
+            writes = self._writes_to.get(node) or self._writes_to.setdefault(
+                node, self._write_batches()
+            )
+        await writes.submit((channel, message))
 
     def _script_call(self, channel: ChannelRef, message: RealtimeMessage) -> dict[str, Any]:
         record = json.dumps(message.to_wire(), ensure_ascii=False, separators=(",", ":"))
