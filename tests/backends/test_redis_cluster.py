@@ -30,6 +30,7 @@ from dualwrite.backends import BackendContext, create_permanent_store, create_re
 from dualwrite.errors import BackendUnavailable, BadSetting
 from dualwrite.ids import PushIdGenerator
 from dualwrite.model import REALTIME_TTL_MS, ChannelRef, LiveEntry, RealtimeMessage
+from dualwrite.ports import TokenRequest
 from dualwrite.redact import redact_url
 from tests.conftest import realtime_url, store_url, unique
 from tests.support.wait import until
@@ -408,3 +409,24 @@ async def test_live_delivery_follows_a_slot_moved_to_another_node(
         await tier.close()
         if moved:
             await asyncio.to_thread(move_slot, slot, target, source)
+
+
+# -- connections -----------------------------------------------------------------------------
+
+
+@needs_cluster
+async def test_a_burst_beyond_the_connection_limit_waits_its_turn(tmp_path: Path) -> None:
+    """As on a single Redis: calls past `max_connections` wait for a connection (within their
+    bound) rather than fail, though redis-py's cluster pools refuse past their size."""
+    tier = create_realtime_tier(
+        realtime_url("redis-cluster", tmp_path) + "&max_connections=4", BackendContext()
+    )
+    await tier.connect()
+    try:
+        channel = ChannelRef(unique("ws"), "general")
+        buckets = [[TokenRequest(unique("limit"), 1, 1.0, 5)] for _ in range(200)]
+        assert await asyncio.gather(*(tier.take_tokens(b) for b in buckets)) == [0.0] * 200
+        pages = await asyncio.gather(*(tier.read_before(channel, None, 10) for _ in range(200)))
+        assert pages == [[]] * 200
+    finally:
+        await tier.close()

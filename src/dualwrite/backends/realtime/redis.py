@@ -27,16 +27,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import json
 import logging
 import math
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -829,7 +830,10 @@ class _ClusterFeed(_Feed):
         """Read the slot map again (concurrent callers share one refresh). Best effort: the
         callers retry."""
         try:
-            await asyncio.wait_for(self.tier._r.nodes_manager.initialize(), self.tier.timeout_s * 2)
+            async with _turn(self.tier._r.gate):
+                await asyncio.wait_for(
+                    self.tier._r.nodes_manager.initialize(), self.tier.timeout_s * 2
+                )
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -1154,7 +1158,53 @@ def _seeds(url: str) -> list[tuple[str, int]]:
     return seeds
 
 
-def _cluster_client(url: str, max_connections: int, options: dict[str, Any]) -> RedisCluster:
+_HOLDING_A_TURN: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "dualwrite_redis_turn", default=False
+)
+
+
+@contextlib.asynccontextmanager
+async def _turn(gate: asyncio.Semaphore) -> AsyncIterator[None]:
+    """One of the gate's turns, unless this task holds one already (redis-py runs a
+    pipeline's redirected commands one by one from inside the pipeline)."""
+    if _HOLDING_A_TURN.get():
+        yield
+        return
+    async with gate:
+        held = _HOLDING_A_TURN.set(True)
+        try:
+            yield
+        finally:
+            _HOLDING_A_TURN.reset(held)
+
+
+class _Cluster(RedisCluster):
+    """redis-py's cluster client, whose calls wait their turn as they do on a single Redis
+    (`BlockingConnectionPool`): at most `max_connections` commands and pipelines at once, each
+    taking at most one connection of each node, so no node's pool (of as many) runs out.
+    redis-py's own cluster pools refuse a connection past their size at once
+    (MaxConnectionsError), which would fail a burst of sends instead of queueing it."""
+
+    gate: asyncio.Semaphore
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with _turn(self.gate):
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
+        if shard_hint:
+            return super().pipeline(transaction, shard_hint)  # refused by redis-py
+        return _ClusterPipeline(self, transaction)  # type: ignore[abstract]  # as redis-py does
+
+
+class _ClusterPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        gate = self.cluster_client.gate  # type: ignore[attr-defined]
+        async with _turn(gate):
+            return await super().execute(raise_on_error, allow_redirections)
+
+
+def _cluster_client(url: str, max_connections: int, options: dict[str, Any]) -> _Cluster:
     """redis-py's cluster client for `redis+cluster://[user:password@]host:port[,host:port...]`
     (`rediss+cluster://`: TLS). Every listed node is a seed; the first that answers gives the
     slot map. Query options other than ours go to redis-py, as for `redis://`."""
@@ -1163,12 +1213,17 @@ def _cluster_client(url: str, max_connections: int, options: dict[str, Any]) -> 
     (host, port), *others = _seeds(url)
     scheme = "rediss" if parts.scheme.startswith("rediss") else "redis"
     first = urlunsplit(parts._replace(scheme=scheme, netloc=f"{userinfo}{at}{_netloc(host, port)}"))
-    return RedisCluster.from_url(
-        first,
-        startup_nodes=[ClusterNode(h, p) for h, p in others],
-        max_connections=max_connections,
-        **options,
+    client = cast(
+        _Cluster,
+        _Cluster.from_url(
+            first,
+            startup_nodes=[ClusterNode(h, p) for h, p in others],
+            max_connections=max_connections,
+            **options,
+        ),
     )
+    client.gate = asyncio.Semaphore(max_connections)
+    return client
 
 
 def _netloc(host: str, port: int) -> str:
