@@ -430,3 +430,29 @@ async def test_a_burst_beyond_the_connection_limit_waits_its_turn(tmp_path: Path
         assert pages == [[]] * 200
     finally:
         await tier.close()
+
+
+@needs_cluster
+async def test_a_primary_without_the_write_script_gets_it(tmp_path: Path) -> None:
+    """A replica promoted by a failover has no scripts (SCRIPT LOAD is not replicated): the
+    writes' EVALSHA meets NOSCRIPT, and the script is loaded again on every primary."""
+    tier = create_realtime_tier(realtime_url("redis-cluster", tmp_path), BackendContext())
+    await tier.connect()
+    try:
+        for node in cluster_nodes(seed_ports()):
+            if node.is_master:
+                cli(node.port, "script", "flush")
+        ids = PushIdGenerator()
+        workspace = unique("ws")
+        channels = [ChannelRef(workspace, f"c{i}") for i in range(20)]
+        now = int(time.time() * 1000)
+        messages = [
+            RealtimeMessage(ids.new_id(), "u1", "Ada", c.channel_id, now, now + REALTIME_TTL_MS)
+            for c in channels
+        ]
+        # Concurrent: they go out as pipelines, one a primary.
+        await asyncio.gather(*(tier.write(c, m) for c, m in zip(channels, messages, strict=True)))
+        for channel, message in zip(channels, messages, strict=True):
+            assert await tier.read(channel, message.message_id) == message
+    finally:
+        await tier.close()

@@ -1,6 +1,13 @@
-"""Redis realtime tier (`redis://host:port/db?prefix=dualwrite:`), with redis-py's asyncio client.
+"""Redis realtime tier, with redis-py's asyncio client, on a single Redis or a Redis Cluster.
 
-Per channel, under one hash tag so a cluster keeps them on one slot:
+- `redis://host:port/db?prefix=dualwrite:` (`rediss://`: TLS): one Redis (or a primary).
+- `redis+cluster://host:port[,host:port...]?prefix=dualwrite:` (`rediss+cluster://`: TLS, and
+  `user:password@` as usual): a Redis Cluster through redis-py's `RedisCluster`. Each listed
+  node is a seed (list several: any one that answers gives the slot map); db must be 0.
+One module for both: where a cluster differs the code says so (`self.cluster`).
+
+Per channel, under the one hash tag `{ws/ch}`, so that on a cluster all of a channel's keys
+live in its slot (what its Lua calls and multi-key reads require):
 - `{prefix}{ws/ch}:msg:{id}`: the record (JSON), expiring by Redis's own TTL at `ttl`;
 - `{prefix}{ws/ch}:index`: a sorted set of the channel's ids, for reads in id order;
 - `{prefix}{ws/ch}:time`: a sorted set of the ids scored by send time (ties in id order, as
@@ -10,16 +17,53 @@ Per channel, under one hash tag so a cluster keeps them on one slot:
 - `{prefix}{ws/ch}:stream`: a stream of every write, trimmed to the last hour. Its entry ids
   are the live cursors: they follow write order (a rewrite is a new entry), and a client that
   resumes after one misses nothing (pub/sub would). `max-deleted-entry-id` tells a cursor whose
-  successors were trimmed away (`CursorExpired`).
-Per workspace, `{prefix}events:{ws}` is a short stream of live events ("saved", "channel"),
-read the same way, so a listener between two blocking reads misses none.
-A write touches all of them in one Lua call, so a reader never sees half of it; concurrent
-writes travel together in one pipeline. `{prefix}channels` (scored by last write) lists the
-channels, so the reconciler and the sweep never scan the keyspace; it is written just before
-the script in the same pipeline (it lives on another slot), so a channel is listed no later
-than its messages. Redis expires records by itself; the sweep only trims the indexes. Live
-delivery is one `LiveFeed` per process: a few readers, each one connection blocking in XREAD
-over up to `live_streams_per_read` streams at once.
+  successors were trimmed away (`CursorExpired`);
+- cluster only: `{prefix}{ws/ch}:wake`, a sharded pub/sub channel (it hashes like a key: the
+  same slot) on which the write script SPUBLISHes each new entry's id.
+Elsewhere, one key each: `{prefix}channels` (the registry), `{prefix}events:{ws}` (a short
+stream of a workspace's live events, "saved" and "channel", read like a channel's, so a
+listener between two blocking reads misses none), `{prefix}claim:...` (idempotency keys), and
+the rate-limit buckets `{prefix}{limits}:...`, which share the `{limits}` slot because one
+Lua call takes from several.
+
+A write touches all of a channel's keys in one Lua call, so a reader never sees half of it;
+concurrent writes travel together in one pipeline. `{prefix}channels` (scored by last write)
+lists the channels, so the reconciler and the sweep never scan the keyspace; it is written
+before the script (it lives in another slot), so a channel is listed no later than its
+messages. A single Redis runs a pipeline in order; a cluster pipeline sends each node its
+share at once, so there each step whose order matters is a pipeline of its own, awaited
+before the next (`_in_order`), and concurrent writes are batched per primary, so that a batch
+fails with its own node only. Redis expires records by itself; the sweep only trims the
+indexes. Every call is bounded by the realtime timeout (socket timeouts; the callers' own).
+
+Live delivery is one `LiveFeed` per process.
+- Single Redis: a few readers, each one connection blocking in XREAD over up to
+  `live_streams_per_read` streams at once.
+- Cluster: XREAD may only name keys of one slot (CROSSSLOT), and a blocking connection per
+  channel (a slot each) would not scale. So the write script also SPUBLISHes the entry id on
+  the channel's `:wake`; the feed keeps one subscriber connection per primary (an SSUBSCRIBE
+  per watched channel: Redis refuses one over several slots) and one reading task, which reads
+  the channels woken, each from its position, by non-blocking XREADs sent as one pipeline
+  (one batch per node). Per message and process: one pushed wake-up and one XREAD, whatever
+  the number of channels. The wake-up is only a hint: a position moves only as entries are
+  handed on, a read follows every (re)confirmed subscription, and every watched stream is
+  read once a second (`_POLL_S`) whatever the wake-ups said, so a lost wake-up delays an
+  entry by a second at most, never loses it (at least once, as on a single Redis). The
+  subscribers follow the slot map: a MOVED answer to SSUBSCRIBE, the server's own SUNSUBSCRIBE
+  (the slot migrated, the node was demoted) or a failed connection (a failover) makes the
+  feed read the slot map again and subscribe on the node serving the slot now, then read what
+  came meanwhile. Commands follow MOVED and ASK through redis-py.
+- Cluster failover (a primary dies; its replica is promoted after `cluster-node-timeout` and
+  an election, a few seconds): writes to its slots fail with the usual "Retry?" meanwhile,
+  and, once the cluster marks it failed, so do writes to every slot until the promotion
+  (Redis refuses all slots while one is uncovered, unless `cluster-require-full-coverage no`).
+  A promoted replica may lack the write script: EVALSHA answers NOSCRIPT and the script is
+  loaded on every primary. Replication is asynchronous, so an entry the dead primary had
+  acknowledged may be missing from the realtime tier afterwards; its message is in the
+  permanent store (a send is acknowledged after the permanent write, or its queueing).
+- Resharding: while a channel's slot migrates, its writes are refused with TRYAGAIN (they
+  create a key, which Redis Cluster refuses for multi-key calls mid-migration); redis-py
+  retries a moment, then the send fails with the usual "Retry?".
 """
 
 from __future__ import annotations
