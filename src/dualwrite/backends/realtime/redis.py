@@ -622,7 +622,8 @@ class RedisRealtimeTier:
                         position = entry_id
                         yield LiveEvent.from_wire(json.loads(fields["data"]))
         finally:
-            await listener.aclose()
+            # The pool too: on a cluster it was made for this listener alone.
+            await listener.aclose(close_connection_pool=True)
 
 
 def _position(stream_id: str) -> tuple[int, int]:
@@ -1016,7 +1017,6 @@ class _Subscriber:
         self.channels: dict[str, ChannelRef] = {}
         self._confirmations: dict[str, asyncio.Future[None]] = {}
         self._sent: collections.deque[tuple[str, str]] = collections.deque()
-        self._connection: Any = None
         self._changed = asyncio.Event()
         self._queued: list[tuple[str, str]] = []
         self._confirmed_any = False
@@ -1091,9 +1091,6 @@ class _Subscriber:
                     self._settle(wake)
                 else:
                     self._give_up(wake)
-            if self._connection is not None:
-                await self._connection.disconnect(nowait=True)
-                self._connection = None
 
     async def _session(self) -> None:
         """One connection: subscribe every channel, then serve replies and changes until it
@@ -1107,22 +1104,22 @@ class _Subscriber:
                 "health_check_interval": 0,
             }
         )
-        self._connection = connection
         self._sent.clear()
         self._queued = [("SSUBSCRIBE", wake) for wake in self.channels]
         try:
             await asyncio.wait_for(connection.connect(), self.feed.tier.timeout_s)
             reading: asyncio.Task[Any] = asyncio.create_task(self._read(connection))
+            changed: asyncio.Task[Any] | None = None
             pinged = False
             try:
                 while self.channels or self._sent:
+                    self._changed.clear()  # before: what is queued meanwhile sets it again
                     await self._send_queued(connection)
-                    self._changed.clear()
-                    changed = asyncio.create_task(self._changed.wait())
+                    if changed is None or changed.done():
+                        changed = asyncio.create_task(self._changed.wait())
                     done, _ = await asyncio.wait(
                         {reading, changed}, timeout=_IDLE_S, return_when=asyncio.FIRST_COMPLETED
                     )
-                    changed.cancel()
                     if reading in done:
                         reply = reading.result()  # raises what the read raised
                         reading = asyncio.create_task(self._read(connection))
@@ -1134,11 +1131,12 @@ class _Subscriber:
                         await connection.send_command("PING", check_health=False)
                         pinged = True
             finally:
-                reading.cancel()
-                await asyncio.gather(reading, return_exceptions=True)
+                tasks = [t for t in (reading, changed) if t is not None]
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             await connection.disconnect(nowait=True)
-            self._connection = None
 
     async def _send_queued(self, connection: Any) -> None:
         queued, self._queued = self._queued, []
