@@ -315,9 +315,9 @@ class RedisRealtimeTier:
         writes = self._writes
         if self.cluster:
             node = self._r.get_node_from_key(self.stream_key(channel)).name
-            writes = self._writes_to.get(node) or self._writes_to.setdefault(
-                node, self._write_batches()
-            )
+            if node not in self._writes_to:
+                self._writes_to[node] = self._write_batches()
+            writes = self._writes_to[node]
         await writes.submit((channel, message))
 
     def _script_call(self, channel: ChannelRef, message: RealtimeMessage) -> dict[str, Any]:
