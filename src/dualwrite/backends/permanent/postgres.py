@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -150,6 +151,8 @@ class PostgresPermanentStore:
         self._pool: AsyncConnectionPool[Connection] | None = None
         self._schema_ready = False
         self._left_behind: set[asyncio.Task[Any]] = set()
+        self._down: DatabaseUnreachable | None = None
+        self._down_until = 0.0
 
     def _open_pool(self) -> AsyncConnectionPool[Connection]:
         # psycopg_pool warns at every failed reconnect attempt; dualwrite says once that the
@@ -189,6 +192,10 @@ class PostgresPermanentStore:
             await self._ensure_schema()
         except DatabaseUnreachable as unreachable:
             log.warning("%s: sends are queued until it answers", unreachable)
+            # Just found down: for one call bound, calls fail at once rather than each wait
+            # out the bound for a connection (a CLI command then answers within one bound,
+            # not two; a server starting queues its first sends without a wait).
+            self._down, self._down_until = unreachable, time.monotonic() + self._timeout_s
         except BaseException:
             await self.close()
             raise
@@ -265,6 +272,10 @@ class PostgresPermanentStore:
         stopped forwarding, a call bounded at 0.5 s returned after 10.5 s. The task left behind
         finishes that on its own and its connection goes back to the pool, or is closed.
         """
+        if self._down is not None:
+            if time.monotonic() < self._down_until:
+                raise self._down
+            self._down = None
         task = asyncio.create_task(self._on_connection(work))
         try:
             return await asyncio.shield(task)

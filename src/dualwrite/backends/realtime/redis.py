@@ -20,7 +20,8 @@ live in its slot (what its Lua calls and multi-key reads require):
   successors were trimmed away (`CursorExpired`);
 - cluster only: `{prefix}{ws/ch}:wake`, a sharded pub/sub channel (it hashes like a key: the
   same slot) on which the write script SPUBLISHes each new entry's id.
-Elsewhere, one key each: `{prefix}channels` (the registry), `{prefix}events:{ws}` (a short
+Elsewhere, one key each: `{prefix}channels` (the registry), `{prefix}unconfirmed-channels`
+(the channels holding marks), `{prefix}events:{ws}` (a short
 stream of a workspace's live events, "saved" and "channel", read like a channel's, so a
 listener between two blocking reads misses none), `{prefix}claim:...` (idempotency keys), and
 the rate-limit buckets `{prefix}{limits}:...`, which share the `{limits}` slot because one
@@ -28,13 +29,17 @@ Lua call takes from several.
 
 A write touches all of a channel's keys in one Lua call, so a reader never sees half of it;
 concurrent writes travel together in one pipeline. `{prefix}channels` (scored by last write)
-lists the channels, so the reconciler and the sweep never scan the keyspace; it is written
-before the script (it lives in another slot), so a channel is listed no later than its
-messages. A single Redis runs a pipeline in order; a cluster pipeline sends each node its
-share at once, so there each step whose order matters is a pipeline of its own, awaited
-before the next (`_in_order`), and concurrent writes are batched per primary, so that a batch
-fails with its own node only. Redis expires records by itself; the sweep only trims the
-indexes. Every call is bounded by the realtime timeout (socket timeouts; the callers' own).
+lists the channels, so inspect and the sweep never scan the keyspace; it is written before
+the script (it lives in another slot), so a channel is listed no later than its messages.
+`{prefix}unconfirmed-channels` lists the channels that hold marks, scored by their oldest
+mark (or earlier): written after the script, and a channel leaves it only when a check made
+after its removal finds no mark, so a reconcile round visits what is unsaved, never every
+active channel. A single Redis runs a pipeline in order; a cluster pipeline sends each node
+its share at once, so there each step whose order matters (registry, scripts, list of marked
+channels) is a pipeline of its own, awaited before the next (`_in_order`), and concurrent
+writes are batched per primary, so that a batch fails with its own node only. Redis expires
+records and idle channels' keys by itself (each write trims the indexes and renews their
+TTL); the sweep only trims the registry. Every call is bounded by the realtime timeout.
 
 Live delivery is one `LiveFeed` per process.
 - Single Redis: a few readers, each one connection blocking in XREAD over up to
@@ -211,7 +216,7 @@ class RedisRealtimeTier:
         # (a write to a node being failed over does not take writes to the others with it).
         self._writes_to: dict[str, Coalescer[tuple[ChannelRef, RealtimeMessage]]] = {}
         # Every saved send clears its mark: concurrent ones share one pipeline.
-        self._confirms: Coalescer[tuple[ChannelRef, str]] = Coalescer(
+        self._confirms: Coalescer[tuple[ChannelRef, tuple[str, ...]]] = Coalescer(
             self._confirm_many, self._confirm_one, max_batch=256, max_in_flight=8
         )
 
@@ -308,6 +313,10 @@ class RedisRealtimeTier:
     def _registry(self) -> str:
         return f"{self._prefix}channels"
 
+    @property
+    def _unconfirmed_channels(self) -> str:
+        return f"{self._prefix}unconfirmed-channels"
+
     def _write_batches(self) -> Coalescer[tuple[ChannelRef, RealtimeMessage]]:
         return Coalescer(self._write_many, self._write_one, max_batch=256, max_in_flight=8)
 
@@ -346,15 +355,26 @@ class RedisRealtimeTier:
     def _register(self, pipe: Any, items: Sequence[tuple[ChannelRef, RealtimeMessage]]) -> None:
         latest: dict[str, int] = {}
         for channel, message in items:
-            name = f"{channel.workspace_id}/{channel.channel_id}"
+            name = _name(channel)
             latest[name] = max(latest.get(name, 0), message.timestamp)
         pipe.zadd(self._registry, latest, gt=True)
+
+    def _list_unconfirmed(
+        self, pipe: Any, items: Sequence[tuple[ChannelRef, RealtimeMessage]]
+    ) -> None:
+        # After the marks: see `_settle` for why that order keeps every marked channel listed.
+        oldest: dict[str, int] = {}
+        for channel, message in items:
+            name = _name(channel)
+            oldest[name] = min(oldest.get(name, message.timestamp), message.timestamp)
+        pipe.zadd(self._unconfirmed_channels, oldest, lt=True)
 
     async def _write_one(self, item: tuple[ChannelRef, RealtimeMessage]) -> None:
         await self._in_order(lambda pipe: self._register(pipe, [item]))
         # Script.__call__ reloads the script if Redis lost it (restart, SCRIPT FLUSH, a
         # replica promoted by a failover): on a cluster, on every primary.
         await self._write_script(**self._script_call(*item))
+        await self._in_order(lambda pipe: self._list_unconfirmed(pipe, [item]))
 
     async def _write_many(self, items: Sequence[tuple[ChannelRef, RealtimeMessage]]) -> None:
         """Concurrent writes in one pipeline: one round trip, each still one atomic script.
@@ -368,7 +388,12 @@ class RedisRealtimeTier:
                 keys, args = call["keys"], call["args"]
                 pipe.execute_command("EVALSHA", self._write_script.sha, len(keys), *keys, *args)
 
-        await self._in_order(lambda pipe: self._register(pipe, items), scripts)
+        # The list of marked channels after the marks: see `_settle`.
+        await self._in_order(
+            lambda pipe: self._register(pipe, items),
+            scripts,
+            lambda pipe: self._list_unconfirmed(pipe, items),
+        )
 
     async def _in_order(self, *steps: Callable[[Any], None]) -> None:
         """Run each step's commands after the previous step's have run. A single Redis runs a
@@ -484,32 +509,50 @@ class RedisRealtimeTier:
         return found[:limit]
 
     async def unconfirmed_channels(self, sent_until_ms: int) -> list[ChannelRef]:
-        channels = await self.channels()
-        found: list[ChannelRef] = []
-        # One pipelined count per channel, a thousand to a round trip.
-        for start in range(0, len(channels), 1000):
-            chunk = channels[start : start + 1000]
-            async with self._r.pipeline(transaction=False) as pipe:
-                for channel in chunk:
-                    pipe.zcount(self._key(channel, "unconfirmed"), "-inf", sent_until_ms)
-                counts = await pipe.execute()
-            found += [c for c, n in zip(chunk, counts, strict=True) if int(n)]
-        return found
+        names = await self._r.zrangebyscore(self._unconfirmed_channels, "-inf", sent_until_ms)
+        channels = [_channel(name) for name in names]
+        # A channel listed with no mark that old is put back at its oldest mark (or dropped):
+        # the next round does not visit it again before that mark is due.
+        async with self._r.pipeline(transaction=False) as pipe:
+            for channel in channels:
+                pipe.zcount(self._key(channel, "unconfirmed"), "-inf", sent_until_ms)
+            counts = await pipe.execute()
+        due = [c for c, n in zip(channels, counts, strict=True) if int(n)]
+        await self._settle([c for c, n in zip(channels, counts, strict=True) if not int(n)])
+        return due
+
+    async def _settle(self, channels: Sequence[ChannelRef]) -> None:
+        """Take ``channels`` off the list of channels with marks, then list again at its oldest
+        mark any that has one. A write adds its mark before listing its channel, so a write
+        listed before the removal has its mark seen by the check after it: no marked channel
+        is ever left off. Two steps, awaited in turn, so the order holds on any deployment."""
+        if not channels:
+            return
+        await self._r.zrem(self._unconfirmed_channels, *{_name(c) for c in channels})
+        async with self._r.pipeline(transaction=False) as pipe:
+            for channel in channels:
+                pipe.zrange(self._key(channel, "unconfirmed"), 0, 0, withscores=True)
+            oldest = await pipe.execute()
+        marked = {_name(c): int(o[0][1]) for c, o in zip(channels, oldest, strict=True) if o}
+        if marked:
+            await self._r.zadd(self._unconfirmed_channels, marked, lt=True)
 
     async def confirm(self, channel: ChannelRef, message_ids: Sequence[str]) -> None:
-        if len(message_ids) == 1:
-            await self._confirms.submit((channel, message_ids[0]))
-        elif message_ids:
-            await self._r.zrem(self._key(channel, "unconfirmed"), *message_ids)
+        if message_ids:
+            await self._confirms.submit((channel, tuple(message_ids)))
 
-    async def _confirm_one(self, item: tuple[ChannelRef, str]) -> None:
-        await self._r.zrem(self._key(item[0], "unconfirmed"), item[1])
+    async def _confirm_one(self, item: tuple[ChannelRef, tuple[str, ...]]) -> None:
+        await self._confirm_many([item])
 
-    async def _confirm_many(self, items: Sequence[tuple[ChannelRef, str]]) -> None:
+    async def _confirm_many(self, items: Sequence[tuple[ChannelRef, tuple[str, ...]]]) -> None:
         async with self._r.pipeline(transaction=False) as pipe:
-            for channel, message_id in items:
-                pipe.zrem(self._key(channel, "unconfirmed"), message_id)
-            await pipe.execute()
+            for channel, message_ids in items:
+                pipe.zrem(self._key(channel, "unconfirmed"), *message_ids)
+                pipe.zcard(self._key(channel, "unconfirmed"))
+            replies = await pipe.execute()
+        await self._settle(
+            [c for (c, _), left in zip(items, replies[1::2], strict=True) if not left]
+        )
 
     async def read_after(self, channel: ChannelRef, cursor: str | None, limit: int) -> ReplayPage:
         if cursor is not None and (
@@ -558,23 +601,15 @@ class RedisRealtimeTier:
     async def channels(self) -> list[ChannelRef]:
         since = self._clock.now_ms() - REALTIME_TTL_MS
         names = await self._r.zrangebyscore(self._registry, f"({since}", "+inf")
-        # ws/ch -- ids cannot hold "/", so the split is exact.
-        return sorted(ChannelRef(*name.split("/", 1)) for name in names)
+        return sorted(_channel(name) for name in names)
 
     async def sweep_expired(self, now_ms: int) -> int:
-        """Redis expires the records by itself; this trims the indexes of what has expired
-        (by the injectable clock) and forgets channels idle for longer than the TTL."""
+        """Redis expires the records, and the keys of idle channels, by itself; each write
+        trims its channel's indexes, and readers skip what the (injectable) clock says has
+        expired. What is left is the registry: forget channels idle for longer than the TTL.
+        One call whatever the number of channels."""
         cutoff = now_ms - REALTIME_TTL_MS
-        deleted = 0
-        for channel in await self.channels():
-            async with self._r.pipeline(transaction=False) as pipe:
-                pipe.zremrangebyscore(self._key(channel, "time"), "-inf", cutoff)
-                pipe.zremrangebyscore(self._key(channel, "unconfirmed"), "-inf", cutoff)
-                pipe.zremrangebylex(self._key(channel, "index"), "-", f"[{time_prefix(cutoff)}")
-                trimmed, _, _ = await pipe.execute()
-            deleted += int(trimmed)
-        await self._r.zremrangebyscore(self._registry, "-inf", cutoff)
-        return deleted
+        return int(await self._r.zremrangebyscore(self._registry, "-inf", cutoff))
 
     async def claim_send(self, key: SendKey, claim: SendClaim, ttl_ms: int) -> SendClaim:
         name = f"{self._prefix}claim:{key.workspace_id}/{key.user_id}/{key.client_message_id}"
@@ -624,6 +659,15 @@ class RedisRealtimeTier:
         finally:
             # The pool too: on a cluster it was made for this listener alone.
             await listener.aclose(close_connection_pool=True)
+
+
+def _name(channel: ChannelRef) -> str:
+    return f"{channel.workspace_id}/{channel.channel_id}"
+
+
+def _channel(name: str) -> ChannelRef:
+    # ws/ch -- ids cannot hold "/", so the split is exact.
+    return ChannelRef(*name.split("/", 1))
 
 
 def _position(stream_id: str) -> tuple[int, int]:
