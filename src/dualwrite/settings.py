@@ -168,6 +168,9 @@ class ServerSettings(_FromEnv):
     """The bind address (`serve --host`)."""
     port: int = 8000
     """The bind port (`serve --port`)."""
+    workers: int = 1
+    """Server processes behind the one port (`serve --workers`), run by uvicorn's supervisor;
+    more than one needs a realtime tier and a permanent store that every process shares."""
     token_secret: str | None = None
     """HMAC secret of bearer tokens (32+ characters); unset: a random one per process."""
     token_max_lifetime_s: int = 24 * 3600
@@ -255,6 +258,7 @@ class ServerSettings(_FromEnv):
             "ws_max_unauthenticated_per_address",
             "ws_max_per_user",
             "ws_max_sockets",
+            "workers",
         )
 
     @property
