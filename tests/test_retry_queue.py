@@ -170,9 +170,11 @@ async def test_two_retriers_on_one_queue_save_each_write_once(
         async with shared_queue(tmp_path / "queue.db", 2) as (a, b):
             for index in range(200):
                 await a.put(queued_write(index), "down", now_ms=100)
-            reports = await asyncio.gather(
-                retrier(a, store, lease_s).retry_due(), retrier(b, store, lease_s).retry_due()
-            )
+            reports = [
+                *await asyncio.gather(
+                    retrier(a, store, lease_s).retry_due(), retrier(b, store, lease_s).retry_due()
+                )
+            ]
             reports += await asyncio.gather(
                 retrier(a, store, lease_s).retry_due(), retrier(b, store, lease_s).retry_due()
             )
