@@ -114,6 +114,7 @@ def environment(tmp_path: Path, **variables: str) -> dict[str, str]:
         DUALWRITE_READ_RATE_PER_S="0",
         DUALWRITE_SEND_BYTES_PER_S="0",
         DUALWRITE_CHANNEL_BYTES_PER_S="0",
+        DUALWRITE_SIGN_IN_RATE_PER_S="0",
     )
     env.update(variables)
     return env
@@ -592,7 +593,14 @@ async def test_a_killed_workers_queued_writes_are_saved_once_the_store_is_back(
 
             await until(all_saved, 20)
             assert set((await counts()).values()) == {1}, "each saved once"
-            await until(lambda: asyncio.to_thread(lambda: not queued(queue)))
+
+            async def queue_empty() -> bool:
+                await asyncio.sleep(0.1)
+                return not await asyncio.to_thread(queued, queue)
+
+            await until(queue_empty)
+            # The replacement is up (and both answer) before the server is stopped.
+            await asyncio.to_thread(wait_ready, served)
             assert served.stop() == -signal.SIGTERM
         finally:
             await asyncio.to_thread(cleanup, served)

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+WORKER_HEALTHCHECK_S = 30
+"""A worker that does not answer the supervisor's ping within this is replaced."""
+
 
 @dataclass(frozen=True)
 class WorkerApp:
@@ -110,7 +113,15 @@ def server_config(app: Any, server: ServerSettings, **more: Any) -> Config:
 def worker_config(app: WorkerApp) -> Config:
     """uvicorn's config for the workers: the app factory and the number of processes."""
     return server_config(
-        app, app.server_settings, factory=True, workers=app.server_settings.workers
+        app,
+        app.server_settings,
+        factory=True,
+        workers=app.server_settings.workers,
+        # The supervisor pings a worker from its first moment and replaces one that has not
+        # answered within this bound; a worker answers only once it has started Python and
+        # imported dualwrite and uvicorn, which on a loaded machine (four starting at once on
+        # two busy cores) took over uvicorn's 5 s, and then every replacement did too.
+        timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
     )
 
 
