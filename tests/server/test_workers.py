@@ -360,11 +360,27 @@ def test_every_worker_runs_on_the_flags_and_environment_the_parent_got(tmp_path:
                 assert answer.status_code == 400, "neither bound nor allowed"
                 return served.serving(client_port(answer))
 
-        for check in (sign_in, send_pending, too_long, create_channel, other_host):
+        def queue_view() -> int:
+            with client() as c:
+                answer = c.get("/api/queue", headers={"authorization": f"Bearer {tokens[0]}"})
+                # The one queue file: every worker lists what both queued.
+                assert {e["messageId"] for e in answer.json()["pending"]} == pending
+                return served.serving(client_port(answer))
+
+        for check in (sign_in, send_pending, too_long, create_channel, other_host, queue_view):
             by_both_workers(served, check)
+        # `queue list` from a shell, beside the running workers, on the same file.
+        listed = subprocess.run(
+            command("queue", "list", "--queue", str(queue), "--realtime", realtime),
+            env=environment(tmp_path, DUALWRITE_STORE_URL=f"sqlite:///{store}"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert {line.split()[0] for line in listed.stdout.splitlines()[:-1]} == pending
     assert not (tmp_path / "dualwrite-data").exists(), "no worker fell back to the defaults"
-    with contextlib.closing(sqlite3.connect(queue)) as db:
-        assert {m for (m,) in db.execute("SELECT message_id FROM pending_writes")} == pending
+    assert queued(queue) == pending
     with contextlib.closing(sqlite3.connect(store)) as db:
         rows = db.execute("SELECT channel_id FROM channels WHERE workspace_id = ?", (workspace,))
         assert {c for (c,) in rows} == {*channels, "general"}  # general: its messages'
