@@ -172,6 +172,11 @@ class ServerSettings(_FromEnv):
     workers: int = 1
     """Server processes behind the one port (`serve --workers`), run by uvicorn's supervisor;
     more than one needs a realtime tier and a permanent store that every process shares."""
+    worker_healthcheck_s: int = 15
+    """With workers: one that does not answer its supervisor's ping within this is replaced.
+    A worker answers once it has started Python and imported dualwrite (over uvicorn's 5 s,
+    and again for every replacement, on a loaded machine); a worker that dies while pinged
+    is seen only when this runs out."""
     token_secret: str | None = None
     """HMAC secret of bearer tokens (32+ characters); unset: a random one per server (drawn
     by the parent of `serve --workers`, shared by its workers)."""
@@ -261,6 +266,7 @@ class ServerSettings(_FromEnv):
             "ws_max_per_user",
             "ws_max_sockets",
             "workers",
+            "worker_healthcheck_s",
         )
 
     @property

@@ -31,6 +31,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from dualwrite.cli import (
     EXIT_BAD_INPUT,
+    EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_UNAVAILABLE,
     build_parser,
@@ -89,12 +90,14 @@ def test_every_serve_flag_and_variable_reaches_the_workers_as_given(
     assert options - {"--help"} == set(SERVE_FLAGS), "a new flag: say where it must arrive"
     monkeypatch.setenv("DUALWRITE_MAX_TEXT_CHARS", "7")
     monkeypatch.setenv("DUALWRITE_WS_MAX_SOCKETS", "11")
+    monkeypatch.setenv("DUALWRITE_WORKER_HEALTHCHECK_S", "12")
     argv = ["serve"] + [part for f, (v, _, _) in SERVE_FLAGS.items() for part in (f, *v)]
     args = parser.parse_args(argv)
     settings, server = serve_settings(args)
     app = WorkerApp(settings, shared_secret(server), args.log_json)
     shipped = pickle.loads(pickle.dumps(worker_config(app)))
     assert shipped.app == app and shipped.workers == 3 and shipped.factory
+    assert shipped.timeout_worker_healthcheck == 12
     assert (shipped.host, shipped.port) == ("127.0.0.2", 8123)
     places = {"settings": shipped.app.settings, "server": shipped.app.server_settings}
     for flag, (_, where, expected) in SERVE_FLAGS.items():
@@ -623,3 +626,50 @@ async def test_a_killed_workers_queued_writes_are_saved_once_the_store_is_back(
     log = served.log.read_text()
     assert f"Child process [{victim}] died" in log, "uvicorn's supervisor replaced it"
     assert "Traceback" not in log
+
+
+@pytest.mark.redis
+async def test_a_worker_that_cannot_start_stops_the_server_with_exit_1(tmp_path: Path) -> None:
+    """Redis answers the parent's check, then is cut off before the workers connect: they
+    cannot start, and the server says so and stops (uvicorn's rule for a worker that never
+    started), rather than running without them."""
+    url = realtime_url("redis", tmp_path)
+    parts = urlsplit(url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379)
+    await proxy.start()
+    try:
+        env = environment(
+            tmp_path,
+            DUALWRITE_TOKEN_SECRET=SECRET,
+            DUALWRITE_REALTIME_URL=through(proxy, url),
+            DUALWRITE_STORE_URL=f"sqlite:///{tmp_path}/messages.db",
+            DUALWRITE_QUEUE_PATH=str(tmp_path / "queue.db"),
+            # A worker that dies while its supervisor waits for its answer to a ping is seen
+            # when the wait runs out.
+            DUALWRITE_WORKER_HEALTHCHECK_S="3",
+        )
+        served = start(tmp_path, env)
+        try:
+
+            async def parent_started() -> bool:
+                await asyncio.sleep(0.05)
+                return "Started parent process" in served.log.read_text()
+
+            await until(parent_started, START_S)
+            await proxy.cut()
+
+            async def exited() -> bool:
+                await asyncio.sleep(0.1)
+                return served.process.poll() is not None
+
+            await until(exited, START_S)
+        finally:
+            await asyncio.to_thread(cleanup, served)
+    finally:
+        await proxy.cut()
+    assert served.process.returncode == EXIT_FAILED
+    log = served.log.read_text().splitlines()
+    assert "failed to start, stopping the parent process" in "\n".join(log)
+    assert log[-1] == (
+        "dualwrite: a worker could not start (the log above says why); the server stopped"
+    )

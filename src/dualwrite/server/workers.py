@@ -31,9 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WORKER_HEALTHCHECK_S = 30
-"""A worker that does not answer the supervisor's ping within this is replaced."""
-
 
 @dataclass(frozen=True)
 class WorkerApp:
@@ -117,11 +114,7 @@ def worker_config(app: WorkerApp) -> Config:
         app.server_settings,
         factory=True,
         workers=app.server_settings.workers,
-        # The supervisor pings a worker from its first moment and replaces one that has not
-        # answered within this bound; a worker answers only once it has started Python and
-        # imported dualwrite and uvicorn, which on a loaded machine (four starting at once on
-        # two busy cores) took over uvicorn's 5 s, and then every replacement did too.
-        timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
+        timeout_worker_healthcheck=app.server_settings.worker_healthcheck_s,
     )
 
 
