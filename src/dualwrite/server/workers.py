@@ -34,9 +34,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class WorkerApp:
-    """The app factory a worker calls (uvicorn's ``factory=True``). Picklable, and light to
-    unpickle: uvicorn's supervisor pings a worker from the moment it runs, so the heavy imports
-    wait for the call."""
+    """The app factory a worker calls (uvicorn's ``factory=True``). Picklable; the server's
+    imports (Starlette, the app) wait for the call, after the worker answers its supervisor."""
 
     settings: Settings
     server_settings: ServerSettings
