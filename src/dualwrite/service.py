@@ -79,6 +79,9 @@ class DualWrite:
             store,
             clock,
             timeout_s=settings.permanent_timeout_s,
+            # Two attempts' bound: long enough for a round in the usual case; a process that
+            # dies mid-round leaves its entries to the others (or its restart) after it.
+            lease_s=2 * settings.permanent_timeout_s,
             backoff=Backoff(settings.retry_base_s, settings.retry_cap_s),
             remind_every_s=settings.outage_reminder_s,
             on_saved=self._announce_saved,
