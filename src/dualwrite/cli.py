@@ -243,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--pages", type=int, default=200, help="pages read per figure (history target)"
     )
     bench.add_argument(
+        "--spread",
+        action="store_true",
+        help="reconcile target: also with the messages one to a channel (as many channels)",
+    )
+    bench.add_argument(
         "--subscribers", type=int, default=100, help="WebSocket subscribers (http target)"
     )
     bench.add_argument(
@@ -775,8 +780,9 @@ async def _bench_reading(
         report = await bench.run_history(settings, scratch, sizes, args.pages, http=shared)
         print(bench.history_table(report))
     else:
-        sizes = (10_000, args.messages or 100_000)
-        report = await bench.run_reconcile(settings, sizes)
+        largest = args.messages or 100_000
+        reconcile_sizes = sorted({min(10_000, largest), largest})
+        report = await bench.run_reconcile(settings, reconcile_sizes, spread=args.spread)
         print(bench.reconcile_table(report))
     if args.json:
         await asyncio.to_thread(

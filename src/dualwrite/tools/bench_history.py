@@ -177,11 +177,15 @@ async def run_history(
     return report
 
 
-async def run_reconcile(settings: Settings, sizes: Sequence[int]) -> dict[str, Any]:
+async def run_reconcile(
+    settings: Settings, sizes: Sequence[int], spread: bool = False
+) -> dict[str, Any]:
     """One reconcile round at each size, with ``_ORPHANS`` unsaved messages past the grace:
-    the saved messages in one channel, then one to a channel (as many active channels)."""
+    the saved messages in one channel, and with ``spread`` also one to a channel (as many
+    active channels)."""
     report: dict[str, Any] = {"load_average": os.getloadavg(), "orphans": _ORPHANS, "sizes": {}}
-    for size, channels in [(size, 1) for size in sizes] + [(size, size) for size in sizes]:
+    layouts = [(size, 1) for size in sizes] + [(size, size) for size in sizes if spread]
+    for size, channels in layouts:
         inner_realtime, inner_store = _backends(settings)
         realtime_calls, store_calls = Faults(), Faults()
         realtime = FaultyRealtimeTier(inner_realtime, realtime_calls)  # counts, never fails

@@ -170,6 +170,10 @@ class PostgresPermanentStore:
             max_size=10,
             open=False,
             timeout=self._timeout_s,
+            # psycopg_pool retries a failed connect with a backoff doubling up to this; past it,
+            # the next call that waits starts afresh. Its default (300 s) let a database that
+            # was back go unused for up to two minutes; this keeps the gap to a few seconds.
+            reconnect_timeout=max(2.0, 2 * self._timeout_s),
             # A connection broken by an outage is replaced before use, not handed to a write.
             # (`timeout` bounds the wait for a free connection, not this check: a check on a
             # connection nobody answers ends with the caller's bound or the TCP settings.)
@@ -366,11 +370,9 @@ class PostgresPermanentStore:
         """A sequential scan (no index serves the id alone, and `inspect` is the only caller),
         cut off by `statement_timeout` on a table too large to scan in time."""
         await self._ensure_schema()
-        async with self._p.connection() as conn:
-            cur = await conn.execute(
-                self._q(_SELECT + "WHERE message_id = %s LIMIT 1"), (message_id,)
-            )
-            row = await cur.fetchone()
+        query = self._q(_SELECT + "WHERE message_id = %s LIMIT 1")
+        rows = await self._run(_fetch(query, (message_id,)))
+        row = rows[0] if rows else None
         return _to_message(row) if row else None
 
     async def get_many(
@@ -379,15 +381,11 @@ class PostgresPermanentStore:
         if not message_ids:
             return {}
         await self._ensure_schema()
-        async with self._p.connection() as conn:
-            cur = await conn.execute(
-                self._q(
-                    _SELECT + "WHERE workspace_id = %s AND channel_id = %s "
-                    "AND message_id = ANY(%s::text[])"
-                ),
-                (channel.workspace_id, channel.channel_id, list(message_ids)),
-            )
-            rows = await cur.fetchall()
+        query = self._q(
+            _SELECT + "WHERE workspace_id = %s AND channel_id = %s AND message_id = ANY(%s::text[])"
+        )
+        params = (channel.workspace_id, channel.channel_id, list(message_ids))
+        rows = await self._run(_fetch(query, params))
         return {row[2]: _to_message(row) for row in rows}
 
     async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:

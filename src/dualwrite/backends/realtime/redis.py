@@ -177,6 +177,8 @@ for i = 2, 4 do redis.call('ZREM', KEYS[i], ARGV[1]) end
 """
 
 _BLOCK_MS = 1000
+_CHANNELS_PER_ROUND = 10_000
+"""Channels with due marks one reconcile round takes at most (the oldest first)."""
 _EVENTS_KEPT = 1000
 _PER_STREAM = 500
 """Entries one XREAD takes from each stream."""
@@ -358,11 +360,14 @@ class RedisRealtimeTier:
             name = _name(channel)
             latest[name] = max(latest.get(name, 0), message.timestamp)
         pipe.zadd(self._registry, latest, gt=True)
+        # Listed before the marks as well as after: a write cut off (or its process killed)
+        # between its script and the listing after it still leaves its channel listed.
+        self._list_unconfirmed(pipe, items)
 
     def _list_unconfirmed(
         self, pipe: Any, items: Sequence[tuple[ChannelRef, RealtimeMessage]]
     ) -> None:
-        # After the marks: see `_settle` for why that order keeps every marked channel listed.
+        # After the marks (and before: `_register`): see `_settle_now` for why.
         oldest: dict[str, int] = {}
         for channel, message in items:
             name = _name(channel)
@@ -509,33 +514,53 @@ class RedisRealtimeTier:
         return found[:limit]
 
     async def unconfirmed_channels(self, sent_until_ms: int) -> list[ChannelRef]:
-        names = await self._r.zrangebyscore(self._unconfirmed_channels, "-inf", sent_until_ms)
+        # The oldest first, and at most a round's worth: after an outage over many channels a
+        # round stays within its bound, and the next one takes the following ones.
+        names = await self._r.zrangebyscore(
+            self._unconfirmed_channels, "-inf", sent_until_ms, start=0, num=_CHANNELS_PER_ROUND
+        )
         channels = [_channel(name) for name in names]
+        counts: list[int] = []
+        for first in range(0, len(channels), 1000):
+            async with self._r.pipeline(transaction=False) as pipe:
+                for channel in channels[first : first + 1000]:
+                    pipe.zcount(self._key(channel, "unconfirmed"), "-inf", sent_until_ms)
+                counts += [int(n) for n in await pipe.execute()]
         # A channel listed with no mark that old is put back at its oldest mark (or dropped):
         # the next round does not visit it again before that mark is due.
-        async with self._r.pipeline(transaction=False) as pipe:
-            for channel in channels:
-                pipe.zcount(self._key(channel, "unconfirmed"), "-inf", sent_until_ms)
-            counts = await pipe.execute()
-        due = [c for c, n in zip(channels, counts, strict=True) if int(n)]
-        await self._settle([c for c, n in zip(channels, counts, strict=True) if not int(n)])
-        return due
+        await self._settle([c for c, n in zip(channels, counts, strict=True) if not n])
+        return [c for c, n in zip(channels, counts, strict=True) if n]
 
     async def _settle(self, channels: Sequence[ChannelRef]) -> None:
-        """Take ``channels`` off the list of channels with marks, then list again at its oldest
-        mark any that has one. A write adds its mark before listing its channel, so a write
-        listed before the removal has its mark seen by the check after it: no marked channel
-        is ever left off. Two steps, awaited in turn, so the order holds on any deployment."""
-        if not channels:
+        """List ``channels`` at their oldest mark, or take them off the list if they hold none.
+        Shielded: a caller whose bound runs out leaves it to finish, never half done."""
+        if channels:
+            await asyncio.shield(self._settle_now(channels))
+
+    async def _settle_now(self, channels: Sequence[ChannelRef]) -> None:
+        # Channels with marks are listed again in place, never removed. Those without are
+        # removed and then checked again: a write lists its channel before and after its mark,
+        # so a write listed before the removal has its mark seen by the check after it, and
+        # one listed after it is listed. Each step awaited in turn, so on a cluster too.
+        oldest = await self._oldest_marks(channels)
+        marked = {_name(c): o for c, o in zip(channels, oldest, strict=True) if o is not None}
+        empty = [c for c, o in zip(channels, oldest, strict=True) if o is None]
+        if marked:
+            await self._r.zadd(self._unconfirmed_channels, marked)
+        if not empty:
             return
-        await self._r.zrem(self._unconfirmed_channels, *{_name(c) for c in channels})
+        await self._r.zrem(self._unconfirmed_channels, *{_name(c) for c in empty})
+        again = await self._oldest_marks(empty)
+        late = {_name(c): o for c, o in zip(empty, again, strict=True) if o is not None}
+        if late:
+            await self._r.zadd(self._unconfirmed_channels, late, lt=True)
+
+    async def _oldest_marks(self, channels: Sequence[ChannelRef]) -> list[int | None]:
         async with self._r.pipeline(transaction=False) as pipe:
             for channel in channels:
                 pipe.zrange(self._key(channel, "unconfirmed"), 0, 0, withscores=True)
-            oldest = await pipe.execute()
-        marked = {_name(c): int(o[0][1]) for c, o in zip(channels, oldest, strict=True) if o}
-        if marked:
-            await self._r.zadd(self._unconfirmed_channels, marked, lt=True)
+            replies = await pipe.execute()
+        return [int(r[0][1]) if r else None for r in replies]
 
     async def confirm(self, channel: ChannelRef, message_ids: Sequence[str]) -> None:
         if message_ids:
