@@ -492,7 +492,9 @@ def _serve_workers(settings: Settings, server_settings: ServerSettings, *, log_j
     # reached is one line and exit code 3 (main), not N workers failing to start; this also
     # creates the queue file (and, if asked, migrates the schema) once.
     asyncio.run(_check_backends(settings))
-    app = workers.WorkerApp(settings, workers.shared_secret(server_settings), log_json)
+    app = workers.WorkerApp(
+        settings, workers.shared_secret(server_settings), log_json, supervisor_pid=os.getpid()
+    )
     for line in startup_lines(settings, server_settings):
         print(line, flush=True)
     try:

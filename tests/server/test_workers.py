@@ -495,6 +495,24 @@ def free_port_is(port: int) -> bool:
         return True
 
 
+def test_workers_stop_when_their_supervisor_is_killed_outright(tmp_path: Path) -> None:
+    env = environment(
+        tmp_path,
+        DUALWRITE_REALTIME_URL=realtime_url("redis", tmp_path),
+        DUALWRITE_QUEUE_PATH=str(tmp_path / "queue.db"),
+    )
+    with serving(tmp_path, env) as served:
+        spawned = workers(served.process.pid)
+        assert len(spawned) == 2
+        served.process.kill()  # SIGKILL, the OOM killer: it cannot stop them itself
+        served.process.wait()
+        deadline = time.monotonic() + 20
+        while any(alive(pid) for pid in spawned):
+            assert time.monotonic() < deadline, "workers went on without their supervisor"
+            time.sleep(0.1)
+        assert free_port_is(served.port), "the port is free for the next serve"
+
+
 def test_workers_with_redis_down_do_not_start_and_say_why_in_one_line(tmp_path: Path) -> None:
     redis = f"redis://127.0.0.1:{free_port()}/0"
     done = subprocess.run(

@@ -15,9 +15,12 @@ permanent store, and the retry queue, one SQLite file that every worker's retrie
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import secrets
 import signal
+import sys
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -40,13 +43,33 @@ class WorkerApp:
     settings: Settings
     server_settings: ServerSettings
     log_json: bool = False
+    supervisor_pid: int = 0
 
     def __call__(self) -> Starlette:
         from dualwrite.logs import configure
         from dualwrite.server.app import create_app
 
+        stop_with_supervisor(self.supervisor_pid)
         configure(verbose=True, json_lines=self.log_json)
         return create_app(self.settings, self.server_settings)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def stop_with_supervisor(supervisor_pid: int) -> None:
+    """Have the kernel send this worker SIGTERM (a clean shutdown) when its supervisor dies.
+
+    A supervisor killed outright (SIGKILL, the OOM killer) cannot stop its workers: they
+    would go on serving the port, unsupervised and under a name without `serve` in it, and
+    the next `serve` would find the port taken. Linux only (prctl); elsewhere they stay.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if supervisor_pid and os.getppid() != supervisor_pid:
+        os.kill(os.getpid(), signal.SIGTERM)  # it died before the line above
 
 
 def check_workers(settings: Settings, server: ServerSettings) -> None:
