@@ -533,3 +533,29 @@ async def test_settling_leaves_a_channel_listed_by_a_write_that_began_during_it(
     await tier._write_script(**tier._script_call(channel, w))
     assert channel in await realtime.unconfirmed_channels(clock.now_ms())
     assert await realtime.unconfirmed(channel, None, clock.now_ms(), 10) == [w]
+
+
+async def test_a_write_refused_by_redis_ends_its_time_in_flight(
+    realtime: RealtimeTier, realtime_kind: str, clock: ManualClock, ids: PushIdGenerator
+) -> None:
+    # Scripts answered with an error (as NOSCRIPT after a failover) surely did not run: the
+    # listing after them still runs, so the channel does not stay counted in flight.
+    tier = _redis_internals(realtime, realtime_kind)
+    channel = ChannelRef(unique("ws"), "refused")
+    message = make_message(clock, ids, "refused")
+    name = f"{channel.workspace_id}/{channel.channel_id}"
+
+    def refused(pipe: Any) -> None:
+        key = tier.stream_key(channel)
+        pipe.execute_command("EVAL", "return redis.error_reply('ERR refused')", 1, key)
+
+    with pytest.raises(Exception, match="refused"):
+        await tier._in_order(
+            lambda pipe: tier._register(pipe, [(channel, message)]),
+            refused,
+            lambda pipe: tier._list_unconfirmed(pipe, [(channel, message)], before=False),
+        )
+    raw: Any = tier._r
+    assert await raw.hget(tier._unconfirmed_writes, f"i:{name}") is None
+    await realtime.unconfirmed_channels(clock.now_ms())  # no mark: settled, taken off
+    assert await raw.zscore(tier._unconfirmed_channels, name) is None
