@@ -462,3 +462,100 @@ async def test_a_malformed_entry_in_a_redis_stream_is_skipped_live_and_on_resume
         assert [e.message for e in (await realtime.read_after(channel, None, 10)).entries] == [good]
     finally:
         await feed.close()
+
+
+def _redis_internals(realtime: RealtimeTier, realtime_kind: str) -> Any:
+    if not realtime_kind.startswith("redis"):
+        pytest.skip("drives the Redis tier's write steps one by one")
+    return realtime
+
+
+async def test_a_confirm_racing_a_write_between_its_listings_leaves_its_channel_listed(
+    realtime: RealtimeTier, realtime_kind: str, clock: ManualClock, ids: PushIdGenerator
+) -> None:
+    # The reviewer's race, step by step: write W lists its channel; another send on the
+    # channel is saved and confirmed, which settles the channel (W's mark is not made yet);
+    # then W's script makes its mark and W dies before its second listing.
+    tier = _redis_internals(realtime, realtime_kind)
+    channel = ChannelRef(unique("ws"), "busy")
+    w, other = make_message(clock, ids, "W"), make_message(clock, ids, "other")
+    await tier._in_order(lambda pipe: tier._register(pipe, [(channel, w)]))
+    await realtime.write(channel, other)
+    await realtime.confirm(channel, [other.message_id])
+    await tier._write_script(**tier._script_call(channel, w))
+    # (no second listing: W's process is gone)
+    assert channel in await realtime.unconfirmed_channels(clock.now_ms())
+    assert await realtime.unconfirmed(channel, None, clock.now_ms(), 10) == [w]
+    await realtime.confirm(channel, [w.message_id])  # reconciled: saved, confirmed
+    # W's write still counts in flight: its channel stays listed, but once taken for dead it
+    # is put off for minutes, not visited every round, and forgotten after the TTL.
+    raw: Any = tier._r
+
+    async def score() -> float | None:
+        name = f"{channel.workspace_id}/{channel.channel_id}"
+        return cast("float | None", await raw.zscore(tier._unconfirmed_channels, name))
+
+    assert await score() is not None
+    clock.advance(120_000)
+    assert await realtime.unconfirmed_channels(clock.now_ms()) is not None
+    assert await score() == clock.now_ms() + 300_000
+    clock.advance(REALTIME_TTL_MS)
+    await realtime.unconfirmed_channels(clock.now_ms())
+    assert await score() is None
+
+
+async def test_settling_leaves_a_channel_listed_by_a_write_that_began_during_it(
+    realtime: RealtimeTier, realtime_kind: str, clock: ManualClock, ids: PushIdGenerator
+) -> None:
+    # A write's first listing lands while a settle checks the channel's marks again (after
+    # it read the generation): the settle must not remove the channel; the write's mark
+    # then lands and the write dies before its second listing.
+    tier = _redis_internals(realtime, realtime_kind)
+    channel = ChannelRef(unique("ws"), "busy")
+    w, other = make_message(clock, ids, "W"), make_message(clock, ids, "other")
+    await realtime.write(channel, other)
+    original = tier._oldest_marks
+    calls = 0
+
+    async def oldest_marks(channels: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the check made after reading the generation
+            await tier._in_order(lambda pipe: tier._register(pipe, [(channel, w)]))
+        return await original(channels)
+
+    tier._oldest_marks = oldest_marks
+    try:
+        await realtime.confirm(channel, [other.message_id])
+    finally:
+        del tier._oldest_marks
+    assert calls == 2
+    await tier._write_script(**tier._script_call(channel, w))
+    assert channel in await realtime.unconfirmed_channels(clock.now_ms())
+    assert await realtime.unconfirmed(channel, None, clock.now_ms(), 10) == [w]
+
+
+async def test_a_write_refused_by_redis_ends_its_time_in_flight(
+    realtime: RealtimeTier, realtime_kind: str, clock: ManualClock, ids: PushIdGenerator
+) -> None:
+    # Scripts answered with an error (as NOSCRIPT after a failover) surely did not run: the
+    # listing after them still runs, so the channel does not stay counted in flight.
+    tier = _redis_internals(realtime, realtime_kind)
+    channel = ChannelRef(unique("ws"), "refused")
+    message = make_message(clock, ids, "refused")
+    name = f"{channel.workspace_id}/{channel.channel_id}"
+
+    def refused(pipe: Any) -> None:
+        key = tier.stream_key(channel)
+        pipe.execute_command("EVAL", "return redis.error_reply('ERR refused')", 1, key)
+
+    with pytest.raises(Exception, match="refused"):
+        await tier._in_order(
+            lambda pipe: tier._register(pipe, [(channel, message)]),
+            refused,
+            lambda pipe: tier._list_unconfirmed(pipe, [(channel, message)], before=False),
+        )
+    raw: Any = tier._r
+    assert await raw.hget(tier._unconfirmed_writes, f"i:{name}") is None
+    await realtime.unconfirmed_channels(clock.now_ms())  # no mark: settled, taken off
+    assert await raw.zscore(tier._unconfirmed_channels, name) is None

@@ -20,26 +20,29 @@ live in its slot (what its Lua calls and multi-key reads require):
   successors were trimmed away (`CursorExpired`);
 - cluster only: `{prefix}{ws/ch}:wake`, a sharded pub/sub channel (it hashes like a key: the
   same slot) on which the write script SPUBLISHes each new entry's id.
-Elsewhere, one key each: `{prefix}channels` (the registry), `{prefix}unconfirmed-channels`
-(the channels holding marks), `{prefix}events:{ws}` (a short
-stream of a workspace's live events, "saved" and "channel", read like a channel's, so a
-listener between two blocking reads misses none), `{prefix}claim:...` (idempotency keys), and
-the rate-limit buckets `{prefix}{limits}:...`, which share the `{limits}` slot because one
-Lua call takes from several.
+Elsewhere, one key each: `{prefix}channels` (the registry), `{prefix}{unconfirmed}:channels`
+(the channels holding marks) and beside it, in the same slot, `{prefix}{unconfirmed}:writes` (a
+hash of each listed channel's listing generation and writes in flight), `{prefix}events:{ws}`
+(a short stream of a workspace's live events, "saved" and "channel", read like a channel's, so
+a listener between two blocking reads misses none), `{prefix}claim:...` (idempotency keys), and
+the rate-limit buckets `{prefix}{limits}:...`, which share the `{limits}` slot because one Lua
+call takes from several.
 
 A write touches all of a channel's keys in one Lua call, so a reader never sees half of it;
 concurrent writes travel together in one pipeline. `{prefix}channels` (scored by last write)
-lists the channels, so inspect and the sweep never scan the keyspace; it is written before
-the script (it lives in another slot), so a channel is listed no later than its messages.
-`{prefix}unconfirmed-channels` lists the channels that hold marks, scored by their oldest
-mark (or earlier): written after the script, and a channel leaves it only when a check made
-after its removal finds no mark, so a reconcile round visits what is unsaved, never every
-active channel. A single Redis runs a pipeline in order; a cluster pipeline sends each node
-its share at once, so there each step whose order matters (registry, scripts, list of marked
-channels) is a pipeline of its own, awaited before the next (`_in_order`), and concurrent
-writes are batched per primary, so that a batch fails with its own node only. Redis expires
-records and idle channels' keys by itself (each write trims the indexes and renews their
-TTL); the sweep only trims the registry. Every call is bounded by the realtime timeout.
+lists the channels, so inspect and the sweep never scan the keyspace; it is written before the
+script (it lives in another slot), so a channel is listed no later than its messages.
+`{prefix}{unconfirmed}:channels` lists the channels that hold marks, scored by their oldest
+mark (or earlier): a write lists its channel before its script (counting itself in flight) and
+after it (no longer), and a channel leaves the list only if no write was in flight, a check of
+its marks finds none, and no write listed it meanwhile (`_settle_now`), so a reconcile round
+visits what is unsaved, never every active channel. A single Redis runs a pipeline in order; a
+cluster pipeline sends each node its share at once, so there each step whose order matters
+(registry, scripts, list of marked channels) is a pipeline of its own, awaited before the next
+(`_in_order`), and concurrent writes are batched per primary, so that a batch fails with its
+own node only. Redis expires records and idle channels' keys by itself (each write trims the
+indexes and renews their TTL); the sweep only trims the registry. Every call is bounded by the
+realtime timeout.
 
 Live delivery is one `LiveFeed` per process.
 - Single Redis: a few readers, each one connection blocking in XREAD over up to
@@ -176,6 +179,57 @@ redis.call('DEL', KEYS[1])
 for i = 2, 4 do redis.call('ZREM', KEYS[i], ARGV[1]) end
 """
 
+# The list of marked channels and its companion hash share the `{unconfirmed}` slot, so that
+# each listing and each settling decision is one atomic call. In the hash, per channel name:
+# `g:` a generation, bumped by every listing; `i:` writes between their two listings (in
+# flight, or dead there); `t:` when the last write listed it first (the tier's clock, ms).
+# ARGV: now, then name, score, count per channel.
+_LIST_BEFORE = """
+for j = 2, #ARGV, 3 do
+  local name = ARGV[j]
+  redis.call('ZADD', KEYS[1], 'LT', ARGV[j + 1], name)
+  redis.call('HINCRBY', KEYS[2], 'g:' .. name, 1)
+  redis.call('HINCRBY', KEYS[2], 'i:' .. name, ARGV[j + 2])
+  redis.call('HSET', KEYS[2], 't:' .. name, ARGV[1])
+end
+"""
+
+_LIST_AFTER = """
+for j = 1, #ARGV, 3 do
+  local name = ARGV[j]
+  redis.call('ZADD', KEYS[1], 'LT', ARGV[j + 1], name)
+  redis.call('HINCRBY', KEYS[2], 'g:' .. name, 1)
+  if redis.call('HINCRBY', KEYS[2], 'i:' .. name, -tonumber(ARGV[j + 2])) <= 0 then
+    redis.call('HDEL', KEYS[2], 'i:' .. name)
+  end
+end
+"""
+
+# Per channel (name, generation read before, "" for none): unless listed since, take it off
+# the list and forget it.
+_FORGET = """
+for j = 1, #ARGV, 2 do
+  local name = ARGV[j]
+  if (redis.call('HGET', KEYS[2], 'g:' .. name) or '') == ARGV[j + 1] then
+    redis.call('ZREM', KEYS[1], name)
+    redis.call('HDEL', KEYS[2], 'g:' .. name, 'i:' .. name, 't:' .. name)
+  end
+end
+"""
+
+# Per channel (name, generation read before, score): unless listed since, list it at score.
+_DEFER = """
+for j = 1, #ARGV, 3 do
+  if (redis.call('HGET', KEYS[2], 'g:' .. ARGV[j]) or '') == ARGV[j + 1] then
+    redis.call('ZADD', KEYS[1], 'XX', ARGV[j + 2], ARGV[j])
+  end
+end
+"""
+
+_STUCK_MS = 60_000
+"""A write between its two listings for longer than this is taken for dead there."""
+_DEFER_MS = 300_000
+"""How long a channel held listed only by writes taken for dead waits to be visited again."""
 _BLOCK_MS = 1000
 _CHANNELS_PER_ROUND = 10_000
 """Channels with due marks one reconcile round takes at most (the oldest first)."""
@@ -317,7 +371,16 @@ class RedisRealtimeTier:
 
     @property
     def _unconfirmed_channels(self) -> str:
-        return f"{self._prefix}unconfirmed-channels"
+        return f"{self._prefix}{{unconfirmed}}:channels"
+
+    @property
+    def _unconfirmed_writes(self) -> str:
+        return f"{self._prefix}{{unconfirmed}}:writes"
+
+    def _listing(self, pipe: Any, script: str, args: Sequence[Any]) -> None:
+        """One call of a small script on the `{unconfirmed}` slot (EVAL: no script to reload)."""
+        keys = (self._unconfirmed_channels, self._unconfirmed_writes)
+        pipe.execute_command("EVAL", script, len(keys), *keys, *args)
 
     def _write_batches(self) -> Coalescer[tuple[ChannelRef, RealtimeMessage]]:
         return Coalescer(self._write_many, self._write_one, max_batch=256, max_in_flight=8)
@@ -360,26 +423,39 @@ class RedisRealtimeTier:
             name = _name(channel)
             latest[name] = max(latest.get(name, 0), message.timestamp)
         pipe.zadd(self._registry, latest, gt=True)
-        # Listed before the marks as well as after: a write cut off (or its process killed)
-        # between its script and the listing after it still leaves its channel listed.
-        self._list_unconfirmed(pipe, items)
+        # Listed before the marks as well as after, and counted in flight in between: a write
+        # cut off (or its process killed) between its script and the listing after it still
+        # leaves its channel listed, and settling leaves alone a channel with writes in flight.
+        self._list_unconfirmed(pipe, items, before=True)
 
     def _list_unconfirmed(
-        self, pipe: Any, items: Sequence[tuple[ChannelRef, RealtimeMessage]]
+        self, pipe: Any, items: Sequence[tuple[ChannelRef, RealtimeMessage]], before: bool
     ) -> None:
-        # After the marks (and before: `_register`): see `_settle_now` for why.
+        # Around the marks: see `_settle_now` for why.
         oldest: dict[str, int] = {}
+        count: dict[str, int] = collections.Counter()
         for channel, message in items:
             name = _name(channel)
             oldest[name] = min(oldest.get(name, message.timestamp), message.timestamp)
-        pipe.zadd(self._unconfirmed_channels, oldest, lt=True)
+            count[name] += 1
+        args = [a for name, o in oldest.items() for a in (name, o, count[name])]
+        if before:
+            self._listing(pipe, _LIST_BEFORE, [self._clock.now_ms(), *args])
+        else:
+            self._listing(pipe, _LIST_AFTER, args)
 
     async def _write_one(self, item: tuple[ChannelRef, RealtimeMessage]) -> None:
         await self._in_order(lambda pipe: self._register(pipe, [item]))
-        # Script.__call__ reloads the script if Redis lost it (restart, SCRIPT FLUSH, a
-        # replica promoted by a failover): on a cluster, on every primary.
-        await self._write_script(**self._script_call(*item))
-        await self._in_order(lambda pipe: self._list_unconfirmed(pipe, [item]))
+        try:
+            # Script.__call__ reloads the script if Redis lost it (restart, SCRIPT FLUSH, a
+            # replica promoted by a failover): on a cluster, on every primary.
+            await self._write_script(**self._script_call(*item))
+        except ResponseError:
+            # Refused, so surely not run: the write is no longer in flight. (Cut off, it may
+            # still run: it stays counted in flight, and its channel listed.)
+            await self._in_order(lambda pipe: self._list_unconfirmed(pipe, [item], before=False))
+            raise
+        await self._in_order(lambda pipe: self._list_unconfirmed(pipe, [item], before=False))
 
     async def _write_many(self, items: Sequence[tuple[ChannelRef, RealtimeMessage]]) -> None:
         """Concurrent writes in one pipeline: one round trip, each still one atomic script.
@@ -393,27 +469,38 @@ class RedisRealtimeTier:
                 keys, args = call["keys"], call["args"]
                 pipe.execute_command("EVALSHA", self._write_script.sha, len(keys), *keys, *args)
 
-        # The list of marked channels after the marks: see `_settle`.
+        # The list of marked channels around the marks: see `_settle_now`.
         await self._in_order(
             lambda pipe: self._register(pipe, items),
             scripts,
-            lambda pipe: self._list_unconfirmed(pipe, items),
+            lambda pipe: self._list_unconfirmed(pipe, items, before=False),
         )
 
     async def _in_order(self, *steps: Callable[[Any], None]) -> None:
         """Run each step's commands after the previous step's have run. A single Redis runs a
         pipeline in order: one round trip. A cluster pipeline sends each node its share at
-        once, so nodes run theirs concurrently: there, one pipeline per step, each awaited."""
+        once, so nodes run theirs concurrently: there, one pipeline per step, each awaited. A
+        step answered with an error ends the sequence, except that once a middle step (the
+        scripts) was answered, even with errors, the last one (the listing that ends the
+        writes' time in flight) still runs; then the first error is raised."""
         if not self.cluster:
             async with self._r.pipeline(transaction=False) as pipe:
                 for step in steps:
                     step(pipe)
                 await pipe.execute()
             return
-        for step in steps:
+        for number, step in enumerate(steps):
             async with self._r.pipeline(transaction=False) as pipe:
                 step(pipe)
-                await pipe.execute()
+                replies = await pipe.execute(raise_on_error=False)
+            error = next((r for r in replies if isinstance(r, Exception)), None)
+            if error is None:
+                continue
+            if 0 < number < len(steps) - 1:
+                async with self._r.pipeline(transaction=False) as pipe:
+                    steps[-1](pipe)
+                    await pipe.execute()
+            raise error
 
     def _decode(self, message_id: str, raw: str | None) -> RealtimeMessage | None:
         """The record, unless missing or expired by the (injectable) clock."""
@@ -538,10 +625,27 @@ class RedisRealtimeTier:
             await asyncio.shield(self._settle_now(channels))
 
     async def _settle_now(self, channels: Sequence[ChannelRef]) -> None:
-        # Channels with marks are listed again in place, never removed. Those without are
-        # removed and then checked again: a write lists its channel before and after its mark,
-        # so a write listed before the removal has its mark seen by the check after it, and
-        # one listed after it is listed. Each step awaited in turn, so on a cluster too.
+        """Channels with marks are listed again in place, never removed. For those without:
+        (A) read each one's generation and writes in flight; one with a write in flight is
+        left listed; (C) check its marks again; (D) take it off the list only if its
+        generation is still the one read in A (`_FORGET`, atomic on the list's slot).
+        Why no mark is left unlisted: a write lists its channel (bumping the generation and
+        counting itself in flight) before its mark and again after it (bumping it again and
+        ending its flight). A write whose first listing comes after A changes the generation,
+        so D leaves the channel. One whose first listing came before A, when none was in
+        flight, had made its mark before A, which C sees. Each step is awaited in turn, so on
+        a cluster too.
+
+        A write that dies between its listings (killed, cut off) stays counted in flight:
+        while its last first listing is recent (`_STUCK_MS`) the channel is simply left
+        listed; after that it is taken for dead and the channel is listed `_DEFER_MS` ahead,
+        so it costs a visit every few minutes, not every round; after the realtime TTL
+        (its message expired, whether or not its script ran) its count is ignored and the
+        channel removed as usual. A channel is thus forgotten at the latest an hour after its
+        last write. What remains: a write whose script lands more than `_STUCK_MS` after its
+        first listing (far past any timeout) and then dies before its second listing can see
+        its mark reconciled up to `_DEFER_MS` late; one whose script lands later than the TTL
+        leaves a mark nobody visits (its record has expired by then)."""
         oldest = await self._oldest_marks(channels)
         marked = {_name(c): o for c, o in zip(channels, oldest, strict=True) if o is not None}
         empty = [c for c, o in zip(channels, oldest, strict=True) if o is None]
@@ -549,11 +653,42 @@ class RedisRealtimeTier:
             await self._r.zadd(self._unconfirmed_channels, marked)
         if not empty:
             return
-        await self._r.zrem(self._unconfirmed_channels, *{_name(c) for c in empty})
-        again = await self._oldest_marks(empty)
-        late = {_name(c): o for c, o in zip(empty, again, strict=True) if o is not None}
+        # A: generation, writes in flight, last first listing.
+        writes = self._unconfirmed_writes
+        async with self._r.pipeline(transaction=False) as pipe:
+            for channel in empty:
+                name = _name(channel)
+                pipe.hmget(writes, f"g:{name}", f"i:{name}", f"t:{name}")
+            held = await pipe.execute()
+        now = self._clock.now_ms()
+        free: list[tuple[ChannelRef, str]] = []
+        stuck: list[Any] = []
+        for channel, (generation, in_flight, since) in zip(empty, held, strict=True):
+            since_ms = int(since or 0)
+            if int(in_flight or 0) <= 0 or since_ms < now - REALTIME_TTL_MS:
+                free.append((channel, generation or ""))
+            elif since_ms < now - _STUCK_MS:
+                stuck += [_name(channel), generation or "", now + _DEFER_MS]
+            # else: a write in flight: left listed as it is
+        if stuck:
+            async with self._r.pipeline(transaction=False) as pipe:
+                self._listing(pipe, _DEFER, stuck)
+                await pipe.execute()
+        if not free:
+            return
+        # C: marks again (those made meanwhile are listed at their oldest, as usual).
+        again = await self._oldest_marks([c for c, _ in free])
+        late = {_name(c): o for (c, _), o in zip(free, again, strict=True) if o is not None}
         if late:
             await self._r.zadd(self._unconfirmed_channels, late, lt=True)
+        # D: forget those still without marks, unless listed since A.
+        gone = [
+            a for (c, g), o in zip(free, again, strict=True) if o is None for a in (_name(c), g)
+        ]
+        if gone:
+            async with self._r.pipeline(transaction=False) as pipe:
+                self._listing(pipe, _FORGET, gone)
+                await pipe.execute()
 
     async def _oldest_marks(self, channels: Sequence[ChannelRef]) -> list[int | None]:
         async with self._r.pipeline(transaction=False) as pipe:
