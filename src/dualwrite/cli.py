@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from dualwrite import local_serve
+from dualwrite._files import raise_open_files_limit
 from dualwrite.backends import BackendContext
 from dualwrite.errors import (
     BackendUnavailable,
@@ -447,6 +448,7 @@ async def _serve(args: argparse.Namespace) -> int:
     uvicorn = _needs_extra("uvicorn", "server", "serve")
     from dualwrite.logs import configure
     from dualwrite.server.app import create_app, metrics_app
+    from dualwrite.server.wsprotocol import LeanWebSocketProtocol
 
     configure(verbose=True, json_lines=args.log_json)
     faults = parse_fault_spec(args.fault) if args.fault else {}
@@ -468,6 +470,17 @@ async def _serve(args: argparse.Namespace) -> int:
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
     )
+    # Each socket is an open file: a soft limit of 1,024 would refuse connections long before
+    # `ws_max_sockets`.
+    open_files = raise_open_files_limit()
+    if open_files < server_settings.ws_max_sockets + 256:
+        log.warning(
+            "open files limit %d is below %s=%d (plus the backends' connections): raise the "
+            "hard limit (ulimit -Hn) or lower it",
+            open_files,
+            server_settings.env_name("ws_max_sockets"),
+            server_settings.ws_max_sockets,
+        )
     # The backends are opened before the server starts, so that one that cannot be reached
     # is one line and exit code 3 (main), not a traceback from inside uvicorn's lifespan.
     # The lifespan's shutdown closes them, within uvicorn's handling of Ctrl-C.
@@ -499,6 +512,9 @@ async def _serve(args: argparse.Namespace) -> int:
                 # Clients send one frame, their token; anything bigger is closed with 1009
                 # before it is read into memory.
                 ws_max_size=server_settings.ws_first_frame_bytes,
+                ws_per_message_deflate=server_settings.ws_per_message_deflate,
+                # uvicorn's own sans-I/O protocol, holding less per open socket.
+                ws=LeanWebSocketProtocol,
                 server_header=False,
             )
         )
@@ -670,7 +686,7 @@ async def _bench(args: argparse.Namespace) -> int:
         raise BadSetting("--rate must be a number of sends a second above 0")
     # Every socket of the http target is a file descriptor here and in the server (which
     # raises its own limit too, and inherits this one).
-    open_files = bench.raise_open_files()
+    open_files = raise_open_files_limit()
     if args.target == "http" and open_files < args.subscribers + 100:
         raise BadSetting(
             f"--subscribers {args.subscribers} needs as many open files, and the limit here is "

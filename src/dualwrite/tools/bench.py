@@ -29,6 +29,21 @@ WORKSPACE = "bench"
 LOAD_WARNING = 0.5
 """A 1-minute load average above this, and `bench` warns that its figures are noisy."""
 
+BROWSER_HEADERS = {
+    "User-Agent": (
+        "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "Chrome/131.0.0.0 Safari/537.36"
+    ),
+    "Accept-Language": "en-US,en;q=0.9",
+    "Cache-Control": "no-cache",
+    "Pragma": "no-cache",
+}
+"""What a browser's WebSocket handshake carries besides the protocol's own headers: the
+server keeps each socket's headers for its lifetime, so they count in its memory."""
+
+OFFER_DEFLATE = True
+"""The http target's sockets offer permessage-deflate, as browsers do."""
+
 CONNECTS_IN_FLIGHT = 64
 """Sockets the http target opens at once (well under the server's per-address cap)."""
 
@@ -378,16 +393,6 @@ async def settled(pid: int, *, quiet_cpu_s: float = 0.02, window_s: float = 0.5)
         cpu = now
 
 
-def raise_open_files() -> int:
-    """Raise this process's soft limit of open files to its hard limit; returns the limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
 SendOne = Callable[[int, int], Awaitable[str]]
 """(message index, sender slot) -> outcome: "saved", "pending" or "failed"."""
 
@@ -539,11 +544,11 @@ async def run_http(
 ) -> BenchReport:
     """N senders over HTTP and M WebSocket subscribers spread over the channels.
 
-    In order: a few sends to warm the server up, its RSS; the sockets, opened
-    `CONNECTS_IN_FLIGHT` at a time, each offering permessage-deflate as browsers do; once the
-    server's CPU has settled, its RSS again (the difference, per socket, is what an idle
-    connection costs); one probe message per watched channel, until every socket has had its
-    own (so every socket is known to be live); then the measured sends.
+    In order: one send to each channel to warm the server up, its RSS; the sockets, opened
+    `CONNECTS_IN_FLIGHT` at a time, each offering permessage-deflate as browsers do; one probe
+    message per watched channel, until every socket has had its own (so every socket is known
+    to be listening); once the server's CPU has settled, its RSS again (the difference, per
+    socket, is what an idle connection costs); then the measured sends.
 
     The load comes from aiohttp: httpx's async client tops out near 200 requests/s here, which
     would measure the client, not the server.
@@ -552,25 +557,35 @@ async def run_http(
 
     say = out or sys.stderr
     headers = {"authorization": f"Bearer {token}"}
+    first_frame = json.dumps({"token": token})
     arrivals: list[tuple[int, float]] = []
     statuses = {201: "saved", 202: "pending"}
     probed: set[int] = set()
     probes_due = asyncio.Event()
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
-    async with aiohttp.ClientSession(
-        base_url, headers=headers, connector=connector, timeout=timeout
-    ) as session:
+    async with aiohttp.ClientSession(base_url, connector=connector, timeout=timeout) as session:
 
         async def post(channel: str, text: str) -> str:
             async with session.post(
-                f"/api/workspaces/{WORKSPACE}/channels/{channel}/messages", json={"text": text}
+                f"/api/workspaces/{WORKSPACE}/channels/{channel}/messages",
+                json={"text": text},
+                headers=headers,
             ) as response:
                 await response.read()
                 return statuses.get(response.status, "failed")
 
-        for i in range(min(20, messages)):
-            await post(f"warmup-{i % 4}", "bench warm-up")
+        # Warm-up: every channel is used once before the sockets open, as in a workspace that
+        # exists already (a channel's first message announces it to every socket of the
+        # workspace: thousands of frames, once, that the measurement is not about).
+        warm_slots = asyncio.Semaphore(concurrency)
+
+        async def warm(number: int) -> None:
+            async with warm_slots:
+                await post(f"channel-{number}", "bench warm-up")
+
+        await asyncio.gather(*(warm(n) for n in range(channels)))
+        await asyncio.sleep(0.5)  # the channels' announcements, after the answers
         before_sockets = process_rss(server_pid) if server_pid else 0.0
 
         connect_slots = asyncio.Semaphore(CONNECTS_IN_FLIGHT)
@@ -578,9 +593,17 @@ async def run_http(
 
         async def subscribe(number: int, channel: str) -> None:
             nonlocal opened
-            path = f"/ws/workspaces/{WORKSPACE}/channels/{channel}?token={token}"
+            path = f"/ws/workspaces/{WORKSPACE}/channels/{channel}"
             async with connect_slots:
-                socket = await session.ws_connect(path, compress=15, heartbeat=None)
+                socket = await session.ws_connect(
+                    path,
+                    compress=15 if OFFER_DEFLATE else 0,
+                    heartbeat=None,
+                    headers=BROWSER_HEADERS,
+                    origin=base_url,
+                )
+                # As the page does: the token is the first frame, never in the URL.
+                await socket.send_str(first_frame)
             opened += 1
             async with socket:
                 async for frame in socket:
@@ -602,34 +625,39 @@ async def run_http(
         listeners = [
             asyncio.create_task(subscribe(i, f"channel-{i % channels}")) for i in range(subscribers)
         ]
+        ended: list[asyncio.Task[None]] = []
+        for task in listeners:
+            task.add_done_callback(ended.append)
         try:
             while opened < subscribers:
-                failed = [t for t in listeners if t.done()]
-                if failed:
-                    failed[0].result()  # raises why it could not connect
+                if ended:
+                    ended[0].result()  # raises why it could not connect
                     raise RuntimeError("a socket closed before the measurement")
                 await asyncio.sleep(0.05)
             connect_s = time.perf_counter() - connect_started
             print(f"bench: {subscribers:,} sockets open in {connect_s:.1f} s", file=say)
-            idle = before_sockets
-            if server_pid:
-                await settled(server_pid)
-                idle = process_rss(server_pid)
-            # One probe per watched channel, until every socket has its own.
-            watched = sorted({i % channels for i in range(subscribers)})
+            # A probe to each watched channel, again to those whose sockets have not all had
+            # one, until every socket has: then each is known to be listening (an open socket
+            # may still be signing in and watching its channel).
             probe_slots = asyncio.Semaphore(concurrency)
 
             async def probe(number: int) -> None:
                 async with probe_slots:
                     await post(f"channel-{number}", "bench probe")
 
-            if subscribers:
-                await asyncio.gather(*(probe(n) for n in watched))
+            deadline = time.monotonic() + 60
+            while len(probed) < subscribers and time.monotonic() < deadline:
+                missing = {i % channels for i in range(subscribers) if i not in probed}
+                await asyncio.gather(*(probe(n) for n in sorted(missing)))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(probes_due.wait(), 60)
+                    await asyncio.wait_for(probes_due.wait(), 2)
             live = len(probed)
             if live < subscribers:
                 print(f"bench: only {live:,} of {subscribers:,} sockets are live", file=say)
+            idle = before_sockets
+            if server_pid:
+                await settled(server_pid)
+                idle = process_rss(server_pid)
 
             async def send_one(index: int, slot: int) -> str:
                 return await post(f"channel-{index % channels}", text_of(index))
