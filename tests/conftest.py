@@ -1,7 +1,7 @@
 """Shared fixtures. Backends are listed once here; every contract suite runs over all of them.
 
-Service-backed backends are marked (``redis``, ``postgres``, ``firebase``) and skipped only when
-their URL variable is unset; `.ci/run` sets them all, so CI runs everything.
+Service-backed backends are marked (``redis``, ``redis_cluster``, ``postgres``, ``firebase``) and
+skipped only when their URL variable is unset; `.ci/run` sets them all, so CI runs everything.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ def realtime_url(kind: str, tmp_path: Path) -> str:
         return "memory://"
     if kind == "redis":
         return f"{_service_url('DUALWRITE_TEST_REDIS_URL')}?prefix={unique()}:"
+    if kind == "redis-cluster":
+        return f"{_service_url('DUALWRITE_TEST_REDIS_CLUSTER_URL')}?prefix={unique()}:"
     if kind in ("firebase-rest", "firebase-server"):
         return firebase_servers().realtime_url(kind)
     raise AssertionError(kind)
@@ -106,6 +108,7 @@ def _drop_test_schemas() -> Iterator[None]:
 REALTIME_KINDS = [
     pytest.param("memory", id="rt-memory"),
     pytest.param("redis", id="rt-redis", marks=pytest.mark.redis),
+    pytest.param("redis-cluster", id="rt-redis-cluster", marks=pytest.mark.redis_cluster),
     pytest.param("firebase-rest", id="rt-firebase-rest", marks=pytest.mark.firebase),
     pytest.param("firebase-server", id="rt-firebase-server", marks=pytest.mark.firebase),
 ]
@@ -120,6 +123,11 @@ PAIRS = [
     pytest.param(("memory", "sqlite"), id="embedded"),
     pytest.param(
         ("redis", "postgres"), id="redis+postgres", marks=[pytest.mark.redis, pytest.mark.postgres]
+    ),
+    pytest.param(
+        ("redis-cluster", "postgres"),
+        id="redis-cluster+postgres",
+        marks=[pytest.mark.redis_cluster, pytest.mark.postgres],
     ),
 ]
 

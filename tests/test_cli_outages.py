@@ -98,6 +98,20 @@ def test_send_with_postgres_refusing_is_queued_and_says_so(tmp_path: Path) -> No
     assert message_id in listed.stdout, "the message waits in the queue"
 
 
+def test_history_with_postgres_hanging_is_exit_3_after_one_wait_not_two(tmp_path: Path) -> None:
+    with silent_port() as port:
+        url = f"postgresql://postgres@127.0.0.1:{port}/test"
+        env = environment(tmp_path, DUALWRITE_STORE_URL=url, DUALWRITE_PERMANENT_TIMEOUT_S="3")
+        done = dualwrite(env, "history", "--workspace", "acme", "--channel", "general")
+    assert done.returncode == 3 and done.stdout == ""
+    first, last = done.stderr.splitlines()
+    assert first.endswith("sends are queued until it answers")
+    # The connection check at start waited out the bound; the read that follows is told at
+    # once that the database is down (it used to wait the bound again, for a pool connection).
+    assert last.startswith(f"dualwrite: cannot reach PostgreSQL at {url} (ConnectionTimeout")
+    assert "PoolTimeout" not in last
+
+
 def test_migrate_with_postgres_refusing_is_exit_3(tmp_path: Path) -> None:
     done = dualwrite(environment(tmp_path, DUALWRITE_STORE_URL=refused_postgres()), "migrate")
     assert done.returncode == 3 and done.stdout == ""

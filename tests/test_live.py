@@ -29,6 +29,7 @@ ADA = ("u1", "Ada")
 KINDS = [
     pytest.param("memory", id="rt-memory"),
     pytest.param("redis", id="rt-redis", marks=pytest.mark.redis),
+    pytest.param("redis-cluster", id="rt-redis-cluster", marks=pytest.mark.redis_cluster),
     pytest.param("firebase-rest", id="rt-firebase-rest", marks=pytest.mark.firebase),
 ]
 

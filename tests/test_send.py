@@ -95,6 +95,11 @@ async def test_permanent_failure_delivers_warns_queues_then_retries_in_backgroun
     stored = await harness.store.get(channel, message_id)
     assert stored is not None
     assert stored.timestamp == sent_at, "a retried write keeps the original send time"
+    # Its "unconfirmed" mark is cleared as a send's save clears it: after an outage over many
+    # channels the reconciler is not left one mark per message the retrier saved.
+    await harness.dw.sender.confirmations.flush()
+    assert await harness.realtime.unconfirmed(channel, None, harness.clock.now_ms(), 10) == []
+    assert channel not in await harness.realtime.unconfirmed_channels(harness.clock.now_ms())
 
 
 async def no_pending(h: Harness) -> bool:

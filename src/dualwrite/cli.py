@@ -65,6 +65,12 @@ def _port(raw: str) -> int:
     return int(raw)
 
 
+def _workers(raw: str) -> int:
+    if not raw.isascii() or not raw.isdigit() or int(raw) < 1:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of processes (1 or more)")
+    return int(raw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dualwrite",
@@ -114,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--port", type=_port, help=f"bind port (env DUALWRITE_PORT, default {ServerSettings.port})"
+    )
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        help="server processes behind the one port (env DUALWRITE_WORKERS, default 1); more "
+        "than one needs a realtime tier every process shares (Redis, Firebase) and no metrics",
     )
     serve.add_argument(
         "--allowed-host",
@@ -233,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--pages", type=int, default=200, help="pages read per figure (history target)"
     )
     bench.add_argument(
+        "--spread",
+        action="store_true",
+        help="reconcile target: also with the messages one to a channel (as many channels)",
+    )
+    bench.add_argument(
         "--subscribers", type=int, default=100, help="WebSocket subscribers (http target)"
     )
     bench.add_argument(
@@ -322,9 +339,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream.setFormatter(RedactingFormatter("dualwrite: %(message)s"))
         logging.basicConfig(level=logging.ERROR, handlers=[stream])
         logging.getLogger("dualwrite.backends").setLevel(logging.WARNING)
-    handler = _HANDLERS[args.command]
     try:
-        return asyncio.run(handler(args))
+        if args.command == "serve":
+            return _serve(args)  # it runs its own event loop, or uvicorn's supervisor
+        return asyncio.run(_HANDLERS[args.command](args))
     except KeyboardInterrupt:
         # Ctrl-C: `serve` has shut down cleanly by now (uvicorn re-raises the signal after).
         return EXIT_INTERRUPTED
@@ -444,13 +462,8 @@ async def _queue_list(dw: DualWrite) -> int:
     return 0
 
 
-async def _serve(args: argparse.Namespace) -> int:
-    uvicorn = _needs_extra("uvicorn", "server", "serve")
-    from dualwrite.logs import configure
-    from dualwrite.server.app import create_app, metrics_app
-    from dualwrite.server.wsprotocol import LeanWebSocketProtocol
-
-    configure(verbose=True, json_lines=args.log_json)
+def serve_settings(args: argparse.Namespace) -> tuple[Settings, ServerSettings]:
+    """What `serve` runs on: the environment, then its flags."""
     faults = parse_fault_spec(args.fault) if args.fault else {}
     settings = Settings.from_env(
         realtime_url=args.realtime,
@@ -462,6 +475,7 @@ async def _serve(args: argparse.Namespace) -> int:
     server_settings = ServerSettings.from_env(
         host=args.host,
         port=args.port,
+        workers=args.workers,
         allowed_hosts=",".join(args.allowed_host) if args.allowed_host else None,
         dev_sign_in=args.dev_sign_in,
         firebase_project=args.firebase_project,
@@ -470,6 +484,15 @@ async def _serve(args: argparse.Namespace) -> int:
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
     )
+    return settings, server_settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    _needs_extra("uvicorn", "server", "serve")
+    from dualwrite.logs import configure
+
+    configure(verbose=True, json_lines=args.log_json)
+    settings, server_settings = serve_settings(args)
     # Each socket is an open file: a soft limit of 1,024 would refuse connections long before
     # `ws_max_sockets`.
     open_files = raise_open_files_limit()
@@ -481,6 +504,54 @@ async def _serve(args: argparse.Namespace) -> int:
             server_settings.env_name("ws_max_sockets"),
             server_settings.ws_max_sockets,
         )
+    if server_settings.workers > 1:
+        return _serve_workers(settings, server_settings, log_json=args.log_json)
+    return asyncio.run(_serve_here(settings, server_settings))
+
+
+def _serve_workers(settings: Settings, server_settings: ServerSettings, *, log_json: bool) -> int:
+    """`serve --workers N`: checks here, then uvicorn's supervisor runs N processes."""
+    from dualwrite.server import workers
+    from dualwrite.server.app import check_exposure
+
+    workers.check_workers(settings, server_settings)
+    check_exposure(server_settings)
+    # The backends are checked once, before any worker starts, so that one that cannot be
+    # reached is one line and exit code 3 (main), not N workers failing to start; this also
+    # creates the queue file (and, if asked, migrates the schema) once.
+    asyncio.run(_check_backends(settings))
+    app = workers.WorkerApp(settings, workers.shared_secret(server_settings), log_json)
+    for line in startup_lines(settings, server_settings):
+        print(line, flush=True)
+    try:
+        outcome = workers.supervise(workers.worker_config(app))
+    except SystemExit:
+        return EXIT_FAILED  # the port is taken, say; uvicorn has logged why
+    if outcome.signal is not None:
+        workers.end_as_signalled(outcome.signal)
+    if outcome.startup_failed:
+        print(
+            "dualwrite: a worker could not start (the log above says why); the server stopped",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return 0
+
+
+async def _check_backends(settings: Settings) -> None:
+    try:
+        async with open_dualwrite(settings, background=False):
+            pass
+    except BackendUnavailable as down:
+        raise BackendUnavailable(f"{down}; the server did not start") from down
+
+
+async def _serve_here(settings: Settings, server_settings: ServerSettings) -> int:
+    """`serve` in this process (one worker): the server and the runtime share its loop."""
+    uvicorn = _needs_extra("uvicorn", "server", "serve")
+    from dualwrite.server.app import create_app, metrics_app
+    from dualwrite.server.workers import server_config
+
     # The backends are opened before the server starts, so that one that cannot be reached
     # is one line and exit code 3 (main), not a traceback from inside uvicorn's lifespan.
     # The lifespan's shutdown closes them, within uvicorn's handling of Ctrl-C.
@@ -500,25 +571,7 @@ async def _serve(args: argparse.Namespace) -> int:
                 yield dw
 
     app = create_app(settings, server_settings, open_runtime=lifespan_runtime)
-    servers = [
-        uvicorn.Server(
-            uvicorn.Config(
-                app,
-                host=host,
-                port=port,
-                log_config=None,
-                # Request lines carry URLs (and a `?token=` some clients still send): off.
-                access_log=False,
-                # Clients send one frame, their token; anything bigger is closed with 1009
-                # before it is read into memory.
-                ws_max_size=server_settings.ws_first_frame_bytes,
-                ws_per_message_deflate=server_settings.ws_per_message_deflate,
-                # uvicorn's own sans-I/O protocol, holding less per open socket.
-                ws=LeanWebSocketProtocol,
-                server_header=False,
-            )
-        )
-    ]
+    servers = [uvicorn.Server(server_config(app, server_settings))]
     if server_settings.metrics_host:
         servers.append(
             uvicorn.Server(
@@ -548,9 +601,11 @@ async def _serve(args: argparse.Namespace) -> int:
 def startup_lines(settings: Settings, server: ServerSettings) -> list[str]:
     """What `serve` prints when it starts: where, on what, and who can sign in."""
     base = f"http://{_url_host(server.host)}:{server.port}/"
+    processes = f", {server.workers} worker processes" if server.workers > 1 else ""
     lines = [
         f"dualwrite: chat page at {base} "
-        f"(realtime {redact_url(settings.realtime_url)}, store {redact_url(settings.store_url)})"
+        f"(realtime {redact_url(settings.realtime_url)}, store {redact_url(settings.store_url)}"
+        f"{processes})"
     ]
     if server.dev_sign_in:
         lines.append(
@@ -802,8 +857,9 @@ async def _bench_reading(
         report = await bench.run_history(settings, scratch, sizes, args.pages, http=shared)
         print(bench.history_table(report))
     else:
-        sizes = (10_000, args.messages or 100_000)
-        report = await bench.run_reconcile(settings, sizes)
+        largest = args.messages or 100_000
+        reconcile_sizes = sorted({min(10_000, largest), largest})
+        report = await bench.run_reconcile(settings, reconcile_sizes, spread=args.spread)
         print(bench.reconcile_table(report))
     if args.json:
         await asyncio.to_thread(
@@ -833,7 +889,6 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] =
     "chaos": _chaos,
     "reconcile": _reconcile,
     "inspect": _inspect,
-    "serve": _serve,
     "token": _token,
     "bench": _bench,
 }

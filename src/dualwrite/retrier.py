@@ -2,6 +2,12 @@
 
 An entry leaves the queue only after its write succeeded. Failed attempts are rescheduled with
 capped exponential backoff and jitter, so a recovering store is not stampeded.
+
+Retriers of several processes may share one queue file (`serve --workers N`): each round
+claims its due entries for a lease (`RetryQueue.claim`), so that they drain different entries.
+Correctness does not rest on the lease: a write is keyed by its message id and idempotent, a
+removal or reschedule of an entry already gone does nothing, so an entry attempted twice (its
+lease ran out mid-round) is still saved once.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class Retrier:
         clock: Clock,
         *,
         timeout_s: float,
+        lease_s: float,
         backoff: Backoff,
         remind_every_s: float,
         on_saved: Callable[[ChannelRef, str], Awaitable[None]],
@@ -59,6 +66,7 @@ class Retrier:
         self._store = store
         self._clock = clock
         self._timeout_s = timeout_s
+        self._lease_ms = int(lease_s * 1000)
         self._backoff = backoff
         self._on_saved = on_saved
         self._batch_size = batch_size
@@ -98,19 +106,31 @@ class Retrier:
         """One background round: the due entries, stopping at the first failure.
 
         Stopping early keeps a dead store from costing one timeout per queued entry; the failed
-        entry moves back in the queue, so one bad record cannot starve the others.
+        entry moves back in the queue, so one bad record cannot starve the others. The round's
+        entries are claimed for ``lease_s`` (other processes sharing the queue skip them); those
+        left unattempted by a stop are given back at once.
         """
-        due = await self._queue.due(self._clock.now_ms(), self._batch_size)
-        return await self._drain(due, stop_on_failure=True)
+        now = self._clock.now_ms()
+        lease_until = now + self._lease_ms
+        due = await self._queue.claim(now, self._batch_size, lease_until)
+        return await self._drain(due, stop_on_failure=True, lease_until=lease_until)
 
-    async def _drain(self, entries: list[QueuedWrite], *, stop_on_failure: bool) -> RetryReport:
+    async def _drain(
+        self,
+        entries: list[QueuedWrite],
+        *,
+        stop_on_failure: bool,
+        lease_until: int | None = None,
+    ) -> RetryReport:
         report = RetryReport()
-        for entry in entries:
+        for index, entry in enumerate(entries):
             if await self.attempt(entry):
                 report.saved.append(entry.message_id)
             else:
                 report.failed.append(entry.message_id)
                 if stop_on_failure:
+                    if lease_until is not None:
+                        await self._queue.release(entries[index + 1 :], lease_until)
                     break
         metrics.QUEUE_DEPTH.set(await self._queue.count())
         return report

@@ -2,6 +2,11 @@
 
 SQLite in WAL mode with synchronous=FULL: once `put` returns, the entry survives the process
 being killed and the machine losing power. A send answers "pending" only after that.
+
+Several processes may share one file (`serve --workers N`, and the CLI's `queue` commands
+beside a running `serve`): SQLite locks the file for each write, and a retrier takes due
+entries with `claim`, which moves them out of the others' reach for a lease, so that workers
+drain different entries rather than the same ones in step.
 """
 
 from __future__ import annotations
@@ -71,9 +76,20 @@ class RetryQueue:
 
     async def due(self, now_ms: int, limit: int) -> list[QueuedWrite]:
         """Entries whose next attempt is due, the longest-waiting first."""
-        return await self._db.call(
-            _select, "WHERE next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?", now_ms, limit
-        )
+        return await self._db.call(_select, _DUE, now_ms, limit)
+
+    async def claim(self, now_ms: int, limit: int, lease_until_ms: int) -> list[QueuedWrite]:
+        """Take the due entries (as `due`) for one retrier: in one transaction they are made
+        due again only at ``lease_until_ms``, so that another process sharing this file skips
+        them meanwhile. Each entry comes back as it was (its own ``next_attempt_at``); one
+        whose attempt never comes (the process died) is due again when the lease ends."""
+        return await self._db.call(_claim, now_ms, limit, lease_until_ms)
+
+    async def release(self, entries: list[QueuedWrite], lease_until_ms: int) -> None:
+        """Give back claimed entries that were not attempted: each is due again at its own
+        time, unless it changed since (attempted, rescheduled or removed by someone else)."""
+        if entries:
+            await self._db.call(_release, entries, lease_until_ms)
 
     async def find(self, message_id: str) -> QueuedWrite | None:
         found = await self._db.call(_select, "WHERE message_id = ? LIMIT 1", message_id)
@@ -159,6 +175,52 @@ def _select(db: sqlite3.Connection, clause: str, *params: object) -> list[Queued
             last_error,
         ) in rows
     ]
+
+
+_DUE = "WHERE next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?"
+_KEY = "workspace_id = ? AND channel_id = ? AND message_id = ?"
+
+
+def _key(write: PermanentWrite) -> tuple[str, str, str]:
+    return (write.channel.workspace_id, write.channel.channel_id, write.message_id)
+
+
+def _claim(
+    db: sqlite3.Connection, now_ms: int, limit: int, lease_until_ms: int
+) -> list[QueuedWrite]:
+    # Nothing due (the usual case): a read, no write lock.
+    anything = "SELECT 1 FROM pending_writes WHERE next_attempt_at <= ? LIMIT 1"
+    if db.execute(anything, (now_ms,)).fetchone() is None:
+        return []
+    # IMMEDIATE: the write lock is taken before the read, so that two processes cannot both
+    # read the same due entries and then both take them.
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        entries = _select(db, _DUE, now_ms, limit)
+        db.executemany(
+            f"UPDATE pending_writes SET next_attempt_at = ? WHERE {_KEY}",
+            [(lease_until_ms, *_key(entry.write)) for entry in entries],
+        )
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return entries
+
+
+def _release(db: sqlite3.Connection, entries: list[QueuedWrite], lease_until_ms: int) -> None:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.executemany(
+            f"UPDATE pending_writes SET next_attempt_at = ? WHERE {_KEY} AND next_attempt_at = ?",
+            [(e.next_attempt_at, *_key(e.write), lease_until_ms) for e in entries],
+        )
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
 
 
 def _count(db: sqlite3.Connection) -> int:

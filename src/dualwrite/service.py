@@ -79,9 +79,12 @@ class DualWrite:
             store,
             clock,
             timeout_s=settings.permanent_timeout_s,
+            # Two attempts' bound: long enough for a round in the usual case; a process that
+            # dies mid-round leaves its entries to the others (or its restart) after it.
+            lease_s=2 * settings.permanent_timeout_s,
             backoff=Backoff(settings.retry_base_s, settings.retry_cap_s),
             remind_every_s=settings.outage_reminder_s,
-            on_saved=self._announce_saved,
+            on_saved=self._saved_late,
         )
         self.reconciler = Reconciler(
             realtime,
@@ -97,8 +100,14 @@ class DualWrite:
         self.live = LiveHub(realtime, LiveLimits.from_settings(settings))
         """Live delivery: one feed for the process, shared by every subscriber."""
         self._recovery = ManualRecovery(
-            realtime, store, queue, self.retrier, self.sender, self._announce_saved
+            realtime, store, queue, self.retrier, self.sender, self._saved_late
         )
+
+    async def _saved_late(self, channel: ChannelRef, message_id: str) -> None:
+        """A queued write saved (retrier, manual retry): clear its "unconfirmed" mark as a
+        send's save does, so that after an outage the reconciler is not left every mark."""
+        self.sender.confirmations.add(channel, message_id)
+        await self._announce_saved(channel, message_id)
 
     async def _announce_saved(self, channel: ChannelRef, message_id: str) -> None:
         """Tell every process's live sockets that a late permanent write landed.

@@ -71,7 +71,8 @@ class Settings(_FromEnv):
     store_url: str = "sqlite:///dualwrite-data/messages.db"
     """`sqlite:///path`, `postgresql://...`, `firestore://PROJECT`, `memory://`"""
     queue_path: str = "dualwrite-data/retry-queue.db"
-    """Local SQLite file of the durable retry queue (one per process or host)."""
+    """Local SQLite file of the durable retry queue; the workers of a `serve` share it, and
+    the CLI's `queue` commands open it beside them."""
     realtime_timeout_s: float = 2.0
     """Bound on one realtime-tier call; a send whose realtime write takes longer fails."""
     realtime_threads: int = 16
@@ -168,8 +169,17 @@ class ServerSettings(_FromEnv):
     """The bind address (`serve --host`)."""
     port: int = 8000
     """The bind port (`serve --port`)."""
+    workers: int = 1
+    """Server processes behind the one port (`serve --workers`), run by uvicorn's supervisor;
+    more than one needs a realtime tier and a permanent store that every process shares."""
+    worker_healthcheck_s: int = 15
+    """With workers: one that does not answer its supervisor's ping within this is replaced.
+    A worker answers once it has started Python and imported dualwrite (over uvicorn's 5 s,
+    and again for every replacement, on a loaded machine); a worker that dies while pinged
+    is seen only when this runs out."""
     token_secret: str | None = None
-    """HMAC secret of bearer tokens (32+ characters); unset: a random one per process."""
+    """HMAC secret of bearer tokens (32+ characters); unset: a random one per server (drawn
+    by the parent of `serve --workers`, shared by its workers)."""
     token_max_lifetime_s: int = 24 * 3600
     """Tokens whose `exp` lies further than this after their `iat` (or now) are refused."""
     token_issuer: str = "dualwrite"
@@ -259,6 +269,8 @@ class ServerSettings(_FromEnv):
             "ws_max_unauthenticated_per_address",
             "ws_max_per_user",
             "ws_max_sockets",
+            "workers",
+            "worker_healthcheck_s",
         )
 
     @property

@@ -249,5 +249,8 @@ def test_random_sockets_on_two_servers_receive_every_message(tmp_path: Path) -> 
             assert positions == sorted(positions), f"{context}: out of write order"
     # The chaos did what it should.
     assert world.repeats > 0 and world.floods == 3, context
-    assert any(1013 in c.closes for c in clients), f"{context}: no socket overflowed"
+    # Whether a flooded socket is closed 1013 or kept and fed from the tier (a resume still
+    # replaying lets live entries go and reads them again) depends on timing: either loses
+    # nothing, which is what is checked above. The 1013 itself is proven deterministically
+    # in test_sockets.py.
     assert sum(c.connections for c in clients) > SOCKETS * 2, context

@@ -1,4 +1,5 @@
-"""`dualwrite serve` as real processes: one on the embedded default, two sharing Redis."""
+"""`dualwrite serve` as real processes: one on the embedded default, two sharing Redis (a
+single node or a cluster)."""
 
 from __future__ import annotations
 
@@ -65,11 +66,19 @@ def test_dev_sign_in_is_off_when_a_secret_is_configured(tmp_path: Path) -> None:
         assert minted.status_code in (404, 405)
 
 
-@pytest.mark.redis
 @pytest.mark.postgres
-def test_two_servers_sharing_redis_deliver_each_others_messages(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "realtime_kind",
+    [
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("redis-cluster", marks=pytest.mark.redis_cluster),
+    ],
+)
+def test_two_servers_sharing_redis_deliver_each_others_messages(
+    tmp_path: Path, realtime_kind: str
+) -> None:
     env = {
-        "DUALWRITE_REALTIME_URL": realtime_url("redis", tmp_path),
+        "DUALWRITE_REALTIME_URL": realtime_url(realtime_kind, tmp_path),
         "DUALWRITE_STORE_URL": store_url("postgres", tmp_path),
     }
     workspace = unique("ws")

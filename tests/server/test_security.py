@@ -143,6 +143,10 @@ def test_1_dev_sign_in_is_announced_loopback_only_and_checks_the_host(tmp_path: 
         }
         assert httpx.get(f"{server.base}/ws{CHANNEL}", headers=upgrade).status_code == 403
         assert httpx.get(server.base, headers={"host": "localhost"}).status_code == 200
+        # Loopback names only as themselves, not as the start of another name.
+        for host in ("[::1]evil.example", "localhost:80:evil", "127.0.0.1 evil.example"):
+            assert httpx.get(server.base, headers={"host": host}).status_code == 400, host
+        assert httpx.get(server.base, headers={"host": "[::1]:8000"}).status_code == 200
     printed = refused_start(tmp_path, "--host", "0.0.0.0", "--dev-sign-in", env=NO_SECRET)
     assert "--dev-sign-in" in printed and "refused" in printed
 

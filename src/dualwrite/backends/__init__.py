@@ -74,6 +74,8 @@ REALTIME_BACKENDS: dict[str, str] = {
     "memory": "dualwrite.backends.realtime.memory",
     "redis": "dualwrite.backends.realtime.redis",
     "rediss": "dualwrite.backends.realtime.redis",
+    "redis+cluster": "dualwrite.backends.realtime.redis",
+    "rediss+cluster": "dualwrite.backends.realtime.redis",
     "firebase-rtdb": "dualwrite.backends.realtime.firebase",
 }
 

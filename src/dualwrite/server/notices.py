@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dualwrite.logs import OutageLog
 from dualwrite.model import LiveEvent
 from dualwrite.service import DualWrite
 
@@ -111,14 +112,20 @@ class NoticeRelay:
             sink(frame)
 
     async def _pump(self, workspace_id: str) -> None:
+        # While the tier is down this fails every second or so: a line when it starts, a
+        # reminder now and then, a line when it is back; not a traceback a second.
+        outage = OutageLog(
+            log, f"notices of workspace {workspace_id}", self.dw.settings.outage_reminder_s
+        )
         while True:
             try:
                 async for event in self.dw.events(workspace_id):
+                    outage.succeeded()
                     self._deliver(workspace_id, event)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("notice subscription failed, resubscribing: %s", workspace_id)
+            except Exception as error:
+                outage.failed(error)
                 await asyncio.sleep(1)
 
 

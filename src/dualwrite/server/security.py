@@ -9,6 +9,7 @@ loopback bind, an IP literal on a wildcard bind (rebinding needs a DNS name), or
 from __future__ import annotations
 
 import ipaddress
+import re
 
 from starlette.datastructures import Headers
 from starlette.responses import PlainTextResponse
@@ -70,11 +71,14 @@ class HostPolicy:
         return self._wildcard and _ip_literal(name)
 
 
+_HOST_HEADER = re.compile(r"\[([0-9a-f:.]+)\](?::\d{1,5})?|([a-z0-9._-]+)(?::\d{1,5})?")
+
+
 def _host_name(host_header: str) -> str:
-    host = host_header.strip().lower()
-    if host.startswith("["):  # [::1]:8000
-        return host[1 : host.find("]")] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    """The name of a `Host` header (`name`, `name:port`, `[v6]`, `[v6]:port`); "" (never
+    allowed) for anything else, such as `[::1]evil.com`, which must not pass for `::1`."""
+    found = _HOST_HEADER.fullmatch(host_header.strip().lower())
+    return (found.group(1) or found.group(2)) if found else ""
 
 
 class HostCheck:

@@ -81,22 +81,28 @@ async def fill(
     count: int,
     now_ms: int,
     on_progress: Callable[[int], None] = lambda done: None,
+    channels: int = 1,
 ) -> Filled:
-    """Write ``count`` saved messages to a fresh channel, in both tiers, in bulk."""
-    channel = ChannelRef(WORKSPACE, f"history-{count}-{secrets.token_hex(4)}")
+    """Write ``count`` saved messages in both tiers, in bulk: to one fresh channel, or spread
+    round-robin over ``channels`` fresh ones (the first is the one returned)."""
+    name = f"history-{count}-{secrets.token_hex(4)}"
+    targets = [ChannelRef(WORKSPACE, f"{name}-{k}" if k else name) for k in range(channels)]
     start = now_ms - _SPREAD_MS
     keys: list[tuple[int, str]] = []
     for first in range(0, count, _FILL_BATCH):
         batch = [
-            _message(i, start + i * _SPREAD_MS // count)
+            (targets[i % channels], _message(i, start + i * _SPREAD_MS // count))
             for i in range(first, min(count, first + _FILL_BATCH))
         ]
-        await asyncio.gather(*(realtime.write(channel, m) for m in batch))
-        await store.save_many([PermanentWrite.from_realtime(channel, m) for m in batch])
-        await realtime.confirm(channel, [m.message_id for m in batch])
-        keys += [(m.timestamp, m.message_id) for m in batch]
-        on_progress(len(keys))
-    return Filled(channel, keys)
+        await asyncio.gather(*(realtime.write(c, m) for c, m in batch))
+        await store.save_many([PermanentWrite.from_realtime(c, m) for c, m in batch])
+        by_channel: dict[ChannelRef, list[str]] = {}
+        for c, m in batch:
+            by_channel.setdefault(c, []).append(m.message_id)
+        await asyncio.gather(*(realtime.confirm(c, i) for c, i in by_channel.items()))
+        keys += [(m.timestamp, m.message_id) for c, m in batch if c == targets[0]]
+        on_progress(first + len(batch))
+    return Filled(targets[0], keys)
 
 
 def _figures(values: Sequence[float]) -> dict[str, float]:
@@ -171,17 +177,24 @@ async def run_history(
     return report
 
 
-async def run_reconcile(settings: Settings, sizes: Sequence[int]) -> dict[str, Any]:
-    """One reconcile round at each size, with ``_ORPHANS`` unsaved messages past the grace."""
+async def run_reconcile(
+    settings: Settings, sizes: Sequence[int], spread: bool = False
+) -> dict[str, Any]:
+    """One reconcile round at each size, with ``_ORPHANS`` unsaved messages past the grace:
+    the saved messages in one channel, and with ``spread`` also one to a channel (as many
+    active channels)."""
     report: dict[str, Any] = {"load_average": os.getloadavg(), "orphans": _ORPHANS, "sizes": {}}
-    for size in sizes:
+    layouts = [(size, 1) for size in sizes] + [(size, size) for size in sizes if spread]
+    for size, channels in layouts:
         inner_realtime, inner_store = _backends(settings)
         realtime_calls, store_calls = Faults(), Faults()
         realtime = FaultyRealtimeTier(inner_realtime, realtime_calls)  # counts, never fails
         store = FaultyPermanentStore(inner_store, store_calls)
         async with open_dualwrite(settings, realtime=realtime, store=store, background=False) as dw:
             now = SystemClock().now_ms()
-            filled = await fill(inner_realtime, inner_store, size, now, _progress(size))
+            filled = await fill(
+                inner_realtime, inner_store, size, now, _progress(size), channels=channels
+            )
             rounds = []
             for rep in range(_ROUNDS):
                 for i in range(_ORPHANS):  # delivered by a process that died before saving
@@ -196,7 +209,8 @@ async def run_reconcile(settings: Settings, sizes: Sequence[int]) -> dict[str, A
                 started = time.perf_counter()
                 round_report = await dw.reconcile()
                 rounds.append(time.perf_counter() - started)
-        report["sizes"][size] = {
+        label = f"{size:,} in {channels:,}"
+        report["sizes"][label] = {
             "round_ms": round(statistics.median(rounds) * 1000, 2),
             "rounds_ms": [round(r * 1000, 2) for r in rounds],
             "scanned": round_report.scanned,
@@ -205,7 +219,7 @@ async def run_reconcile(settings: Settings, sizes: Sequence[int]) -> dict[str, A
             "store_calls": dict(store_calls.calls),
             "realtime_calls": dict(realtime_calls.calls),
         }
-        print(f"\n{size:,}: {report['sizes'][size]}", flush=True)
+        print(f"\n{label}: {report['sizes'][label]}", flush=True)
     report["load_average_after"] = os.getloadavg()
     return report
 
@@ -240,13 +254,15 @@ def reconcile_table(report: dict[str, Any]) -> str:
         f"a reconcile round (median of {_ROUNDS}), {report['orphans']} unsaved among the "
         "messages; load average "
         f"before {_load(report['load_average'])}, after {_load(report['load_average_after'])}",
-        f"{'messages':>10} {'round ms':>10} {'scanned':>8} {'saved':>6} store calls",
+        f"{'messages in channels':>22} {'round ms':>10} {'scanned':>8} {'saved':>6} "
+        f"{'realtime calls':>14} store calls",
     ]
-    for size, figures in report["sizes"].items():
+    for layout, figures in report["sizes"].items():
         calls = ", ".join(f"{k}={v}" for k, v in sorted(figures["store_calls"].items()))
+        realtime_calls = sum(figures["realtime_calls"].values())
         lines.append(
-            f"{size:>10,} {figures['round_ms']:>10} {figures['scanned']:>8} "
-            f"{figures['persisted']:>6} {calls}"
+            f"{layout:>22} {figures['round_ms']:>10} {figures['scanned']:>8} "
+            f"{figures['persisted']:>6} {realtime_calls:>14} {calls}"
         )
     return "\n".join(lines)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -150,6 +151,8 @@ class PostgresPermanentStore:
         self._pool: AsyncConnectionPool[Connection] | None = None
         self._schema_ready = False
         self._left_behind: set[asyncio.Task[Any]] = set()
+        self._down: DatabaseUnreachable | None = None
+        self._down_until = 0.0
 
     def _open_pool(self) -> AsyncConnectionPool[Connection]:
         # psycopg_pool warns at every failed reconnect attempt; dualwrite says once that the
@@ -167,6 +170,10 @@ class PostgresPermanentStore:
             max_size=10,
             open=False,
             timeout=self._timeout_s,
+            # psycopg_pool retries a failed connect with a backoff doubling up to this; past it,
+            # the next call that waits starts afresh. Its default (300 s) let a database that
+            # was back go unused for up to two minutes; this keeps the gap to a few seconds.
+            reconnect_timeout=max(2.0, 2 * self._timeout_s),
             # A connection broken by an outage is replaced before use, not handed to a write.
             # (`timeout` bounds the wait for a free connection, not this check: a check on a
             # connection nobody answers ends with the caller's bound or the TCP settings.)
@@ -189,6 +196,10 @@ class PostgresPermanentStore:
             await self._ensure_schema()
         except DatabaseUnreachable as unreachable:
             log.warning("%s: sends are queued until it answers", unreachable)
+            # Just found down: for one call bound, calls fail at once rather than each wait
+            # out the bound for a connection (a CLI command then answers within one bound,
+            # not two; a server starting queues its first sends without a wait).
+            self._down, self._down_until = unreachable, time.monotonic() + self._timeout_s
         except BaseException:
             await self.close()
             raise
@@ -265,6 +276,10 @@ class PostgresPermanentStore:
         stopped forwarding, a call bounded at 0.5 s returned after 10.5 s. The task left behind
         finishes that on its own and its connection goes back to the pool, or is closed.
         """
+        if self._down is not None:
+            if time.monotonic() < self._down_until:
+                raise self._down
+            self._down = None
         task = asyncio.create_task(self._on_connection(work))
         try:
             return await asyncio.shield(task)
@@ -355,11 +370,9 @@ class PostgresPermanentStore:
         """A sequential scan (no index serves the id alone, and `inspect` is the only caller),
         cut off by `statement_timeout` on a table too large to scan in time."""
         await self._ensure_schema()
-        async with self._p.connection() as conn:
-            cur = await conn.execute(
-                self._q(_SELECT + "WHERE message_id = %s LIMIT 1"), (message_id,)
-            )
-            row = await cur.fetchone()
+        query = self._q(_SELECT + "WHERE message_id = %s LIMIT 1")
+        rows = await self._run(_fetch(query, (message_id,)))
+        row = rows[0] if rows else None
         return _to_message(row) if row else None
 
     async def get_many(
@@ -368,15 +381,11 @@ class PostgresPermanentStore:
         if not message_ids:
             return {}
         await self._ensure_schema()
-        async with self._p.connection() as conn:
-            cur = await conn.execute(
-                self._q(
-                    _SELECT + "WHERE workspace_id = %s AND channel_id = %s "
-                    "AND message_id = ANY(%s::text[])"
-                ),
-                (channel.workspace_id, channel.channel_id, list(message_ids)),
-            )
-            rows = await cur.fetchall()
+        query = self._q(
+            _SELECT + "WHERE workspace_id = %s AND channel_id = %s AND message_id = ANY(%s::text[])"
+        )
+        params = (channel.workspace_id, channel.channel_id, list(message_ids))
+        rows = await self._run(_fetch(query, params))
         return {row[2]: _to_message(row) for row in rows}
 
     async def history(self, channel: ChannelRef, before: str | None, limit: int) -> HistoryPage:

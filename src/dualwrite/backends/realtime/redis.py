@@ -1,6 +1,13 @@
-"""Redis realtime tier (`redis://host:port/db?prefix=dualwrite:`), with redis-py's asyncio client.
+"""Redis realtime tier, with redis-py's asyncio client, on a single Redis or a Redis Cluster.
 
-Per channel, under one hash tag so a cluster keeps them on one slot:
+- `redis://host:port/db?prefix=dualwrite:` (`rediss://`: TLS): one Redis (or a primary).
+- `redis+cluster://host:port[,host:port...]?prefix=dualwrite:` (`rediss+cluster://`: TLS, and
+  `user:password@` as usual): a Redis Cluster through redis-py's `RedisCluster`. Each listed
+  node is a seed (list several: any one that answers gives the slot map); db must be 0.
+One module for both: where a cluster differs the code says so (`self.cluster`).
+
+Per channel, under the one hash tag `{ws/ch}`, so that on a cluster all of a channel's keys
+live in its slot (what its Lua calls and multi-key reads require):
 - `{prefix}{ws/ch}:msg:{id}`: the record (JSON), expiring by Redis's own TTL at `ttl`;
 - `{prefix}{ws/ch}:index`: a sorted set of the channel's ids, for reads in id order;
 - `{prefix}{ws/ch}:time`: a sorted set of the ids scored by send time (ties in id order, as
@@ -10,37 +17,87 @@ Per channel, under one hash tag so a cluster keeps them on one slot:
 - `{prefix}{ws/ch}:stream`: a stream of every write, trimmed to the last hour. Its entry ids
   are the live cursors: they follow write order (a rewrite is a new entry), and a client that
   resumes after one misses nothing (pub/sub would). `max-deleted-entry-id` tells a cursor whose
-  successors were trimmed away (`CursorExpired`).
-Per workspace, `{prefix}events:{ws}` is a short stream of live events ("saved", "channel"),
-read the same way, so a listener between two blocking reads misses none.
-A write touches all of them in one Lua call, so a reader never sees half of it; concurrent
-writes travel together in one pipeline. `{prefix}channels` (scored by last write) lists the
-channels, so the reconciler and the sweep never scan the keyspace; it is written just before
-the script in the same pipeline (it lives on another slot), so a channel is listed no later
-than its messages. Redis expires records by itself; the sweep only trims the indexes. Live
-delivery is one `LiveFeed` per process: a few readers, each one connection blocking in XREAD
-over up to `live_streams_per_read` streams at once.
+  successors were trimmed away (`CursorExpired`);
+- cluster only: `{prefix}{ws/ch}:wake`, a sharded pub/sub channel (it hashes like a key: the
+  same slot) on which the write script SPUBLISHes each new entry's id.
+Elsewhere, one key each: `{prefix}channels` (the registry), `{prefix}unconfirmed-channels`
+(the channels holding marks), `{prefix}events:{ws}` (a short
+stream of a workspace's live events, "saved" and "channel", read like a channel's, so a
+listener between two blocking reads misses none), `{prefix}claim:...` (idempotency keys), and
+the rate-limit buckets `{prefix}{limits}:...`, which share the `{limits}` slot because one
+Lua call takes from several.
+
+A write touches all of a channel's keys in one Lua call, so a reader never sees half of it;
+concurrent writes travel together in one pipeline. `{prefix}channels` (scored by last write)
+lists the channels, so inspect and the sweep never scan the keyspace; it is written before
+the script (it lives in another slot), so a channel is listed no later than its messages.
+`{prefix}unconfirmed-channels` lists the channels that hold marks, scored by their oldest
+mark (or earlier): written after the script, and a channel leaves it only when a check made
+after its removal finds no mark, so a reconcile round visits what is unsaved, never every
+active channel. A single Redis runs a pipeline in order; a cluster pipeline sends each node
+its share at once, so there each step whose order matters (registry, scripts, list of marked
+channels) is a pipeline of its own, awaited before the next (`_in_order`), and concurrent
+writes are batched per primary, so that a batch fails with its own node only. Redis expires
+records and idle channels' keys by itself (each write trims the indexes and renews their
+TTL); the sweep only trims the registry. Every call is bounded by the realtime timeout.
+
+Live delivery is one `LiveFeed` per process.
+- Single Redis: a few readers, each one connection blocking in XREAD over up to
+  `live_streams_per_read` streams at once.
+- Cluster: XREAD may only name keys of one slot (CROSSSLOT), and a blocking connection per
+  channel (a slot each) would not scale. So the write script also SPUBLISHes the entry id on
+  the channel's `:wake`; the feed keeps one subscriber connection per primary (an SSUBSCRIBE
+  per watched channel: Redis refuses one over several slots) and one reading task, which reads
+  the channels woken, each from its position, by non-blocking XREADs sent as one pipeline
+  (one batch per node). Per message and process: one pushed wake-up and one XREAD, whatever
+  the number of channels. The wake-up is only a hint: a position moves only as entries are
+  handed on, a read follows every (re)confirmed subscription, and every watched stream is
+  read once a second (`_POLL_S`) whatever the wake-ups said, so a lost wake-up delays an
+  entry by a second at most, never loses it (at least once, as on a single Redis). The
+  subscribers follow the slot map: a MOVED answer to SSUBSCRIBE, the server's own SUNSUBSCRIBE
+  (the slot migrated, the node was demoted) or a failed connection (a failover) makes the
+  feed read the slot map again and subscribe on the node serving the slot now, then read what
+  came meanwhile. Commands follow MOVED and ASK through redis-py.
+- Cluster failover (a primary dies; its replica is promoted after `cluster-node-timeout` and
+  an election, a few seconds): writes to its slots fail with the usual "Retry?" meanwhile,
+  and, once the cluster marks it failed, so do writes to every slot until the promotion
+  (Redis refuses all slots while one is uncovered, unless `cluster-require-full-coverage no`).
+  A promoted replica may lack the write script: EVALSHA answers NOSCRIPT and the script is
+  loaded on every primary. Replication is asynchronous, so an entry the dead primary had
+  acknowledged may be missing from the realtime tier afterwards; its message is in the
+  permanent store (a send is acknowledged after the permanent write, or its queueing).
+- Resharding: while a channel's slot migrates, its writes are refused with TRYAGAIN (they
+  create a key, which Redis Cluster refuses for multi-key calls mid-migration); redis-py
+  retries a moment, then the send fails with the usual "Retry?".
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import contextvars
 import json
 import logging
+import math
 import re
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dualwrite._coalesce import Coalescer
 from dualwrite.backends import BackendContext
 from dualwrite.backends._batches import next_batches
 from dualwrite.clock import Clock
-from dualwrite.errors import BackendUnavailable, CursorExpired, InvalidInput
+from dualwrite.errors import BackendUnavailable, BadSetting, CursorExpired, InvalidInput
 from dualwrite.ids import time_prefix
 from dualwrite.logs import one_line
 from dualwrite.model import (
@@ -69,6 +126,7 @@ redis.call('ZADD', KEYS[5], ARGV[6], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[7])
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. ARGV[7])
 for i = 2, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
+if ARGV[8] ~= '' then redis.call('SPUBLISH', ARGV[8], sid) end
 return sid
 """
 
@@ -119,10 +177,17 @@ for i = 2, 4 do redis.call('ZREM', KEYS[i], ARGV[1]) end
 """
 
 _BLOCK_MS = 1000
+_CHANNELS_PER_ROUND = 10_000
+"""Channels with due marks one reconcile round takes at most (the oldest first)."""
 _EVENTS_KEPT = 1000
 _PER_STREAM = 500
 """Entries one XREAD takes from each stream."""
 _STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
+_POLL_S = 1.0
+"""Cluster: every watched stream is read this often, whatever the wake-ups said."""
+_IDLE_S = 5.0
+"""Cluster: a wake-up connection silent this long is sent a PING; one more such wait without
+an answer and it is replaced."""
 
 
 class RedisRealtimeTier:
@@ -134,50 +199,64 @@ class RedisRealtimeTier:
         timeout_s: float,
         streams_per_read: int,
         max_connections: int = 64,
+        cluster: bool = False,
     ) -> None:
         self._url = url
         self._prefix = prefix
         self._clock = clock
-        self._timeout_s = timeout_s
+        self.timeout_s = timeout_s
         self._max_connections = max_connections
         self.streams_per_read = streams_per_read
+        self.cluster = cluster
         self._options: dict[str, Any] = {}
-        self._redis: aioredis.Redis | None = None
+        self._redis: aioredis.Redis | RedisCluster | None = None
         self._write_script: Any = None
         self._take_script: Any = None
         self._read_before_script: Any = None
-        self._writes: Coalescer[tuple[ChannelRef, RealtimeMessage]] = Coalescer(
-            self._write_many, self._write_one, max_batch=256, max_in_flight=8
-        )
+        self._writes = self._write_batches()
+        # Cluster: a batch per primary, so that a batch fails with its node and only then
+        # (a write to a node being failed over does not take writes to the others with it).
+        self._writes_to: dict[str, Coalescer[tuple[ChannelRef, RealtimeMessage]]] = {}
         # Every saved send clears its mark: concurrent ones share one pipeline.
-        self._confirms: Coalescer[tuple[ChannelRef, str]] = Coalescer(
+        self._confirms: Coalescer[tuple[ChannelRef, tuple[str, ...]]] = Coalescer(
             self._confirm_many, self._confirm_one, max_batch=256, max_in_flight=8
         )
 
     async def connect(self) -> None:
         options: dict[str, Any] = {
             "decode_responses": True,
-            "socket_timeout": max(self._timeout_s, _BLOCK_MS / 1000 * 2),
-            "socket_connect_timeout": self._timeout_s,
+            "socket_timeout": max(self.timeout_s, _BLOCK_MS / 1000 * 2),
+            "socket_connect_timeout": self.timeout_s,
             "health_check_interval": 30,
         }
-        # Commands wait (up to the call timeout) for one of a bounded set of connections,
-        # rather than failing when a burst of sends outnumbers them.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            self._url, max_connections=self._max_connections, timeout=self._timeout_s, **options
-        )
-        self._redis = aioredis.Redis(connection_pool=pool)
         self._options = options
-        self._write_script = self._redis.register_script(_WRITE)
-        self._take_script = self._redis.register_script(_TAKE)
-        self._read_before_script = self._redis.register_script(_READ_BEFORE)
         try:
+            if self.cluster:
+                # A pool per node, of at most max_connections; the slot map is read from the
+                # first node that answers and refreshed on MOVED and on failures.
+                self._redis = _cluster_client(self._url, self._max_connections, options)
+                await self._redis.initialize()
+            else:
+                # Commands wait (up to the call timeout) for one of a bounded set of
+                # connections, rather than failing when a burst of sends outnumbers them.
+                pool = aioredis.BlockingConnectionPool.from_url(
+                    self._url,
+                    max_connections=self._max_connections,
+                    timeout=self.timeout_s,
+                    **options,
+                )
+                self._redis = aioredis.Redis(connection_pool=pool)
+            self._write_script = self._redis.register_script(_WRITE)
+            self._take_script = self._redis.register_script(_TAKE)
+            self._read_before_script = self._redis.register_script(_READ_BEFORE)
+            # On a cluster, SCRIPT LOAD goes to every primary.
             await self._redis.script_load(_WRITE)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError) as exc:
             # Without the realtime tier no send can succeed: say so in one line, not a driver
             # traceback. (The caller closes what connect opened.)
+            what = "Redis Cluster" if self.cluster else "Redis"
             raise BackendUnavailable(
-                f"cannot reach Redis at {redact_url(self._url)} ({one_line(exc)}): "
+                f"cannot reach {what} at {redact_url(self._url)} ({one_line(exc)}): "
                 "sends fail until it answers"
             ) from exc
 
@@ -186,13 +265,28 @@ class RedisRealtimeTier:
             await self._redis.aclose()
         self._redis = None
 
-    def reader_connection(self) -> Any:
+    def reader_connection(self, key: str | None = None) -> Any:
         """A connection of its own for a live reader: a blocking XREAD never holds a pooled
-        connection the writes need."""
-        return aioredis.Redis.from_url(self._url, single_connection_client=True, **self._options)
+        connection the writes need. On a cluster, to the primary serving ``key``'s slot now
+        (a reader that meets an error asks again: the slot may have moved)."""
+        if not self.cluster:
+            return aioredis.Redis.from_url(
+                self._url, single_connection_client=True, **self._options
+            )
+        assert key is not None, "a cluster reader reads one slot: name a key of it"
+        node = self._r.get_node_from_key(key)
+        pool = aioredis.ConnectionPool(
+            connection_class=node.connection_class, **node.connection_kwargs
+        )
+        return aioredis.Redis(connection_pool=pool, single_connection_client=True)
 
     def stream_key(self, channel: ChannelRef) -> str:
         return self._key(channel, "stream")
+
+    def wake_key(self, channel: ChannelRef) -> str:
+        """Cluster: the sharded pub/sub channel the write script wakes the channel's readers
+        on, in the channel's slot (a shard channel hashes like a key)."""
+        return self._key(channel, "wake")
 
     def decode_entry(self, channel: ChannelRef, entry_id: str, fields: Any) -> LiveEntry | None:
         """A stream entry as a `LiveEntry`, unless expired by the (injectable) clock."""
@@ -221,8 +315,21 @@ class RedisRealtimeTier:
     def _registry(self) -> str:
         return f"{self._prefix}channels"
 
+    @property
+    def _unconfirmed_channels(self) -> str:
+        return f"{self._prefix}unconfirmed-channels"
+
+    def _write_batches(self) -> Coalescer[tuple[ChannelRef, RealtimeMessage]]:
+        return Coalescer(self._write_many, self._write_one, max_batch=256, max_in_flight=8)
+
     async def write(self, channel: ChannelRef, message: RealtimeMessage) -> None:
-        await self._writes.submit((channel, message))
+        writes = self._writes
+        if self.cluster:
+            node = self._r.get_node_from_key(self.stream_key(channel)).name
+            if node not in self._writes_to:
+                self._writes_to[node] = self._write_batches()
+            writes = self._writes_to[node]
+        await writes.submit((channel, message))
 
     def _script_call(self, channel: ChannelRef, message: RealtimeMessage) -> dict[str, Any]:
         record = json.dumps(message.to_wire(), ensure_ascii=False, separators=(",", ":"))
@@ -243,34 +350,70 @@ class RedisRealtimeTier:
                 REALTIME_TTL_MS,
                 message.timestamp,
                 now - REALTIME_TTL_MS,
+                self.wake_key(channel) if self.cluster else "",
             ],
         }
 
     def _register(self, pipe: Any, items: Sequence[tuple[ChannelRef, RealtimeMessage]]) -> None:
         latest: dict[str, int] = {}
         for channel, message in items:
-            name = f"{channel.workspace_id}/{channel.channel_id}"
+            name = _name(channel)
             latest[name] = max(latest.get(name, 0), message.timestamp)
         pipe.zadd(self._registry, latest, gt=True)
+        # Listed before the marks as well as after: a write cut off (or its process killed)
+        # between its script and the listing after it still leaves its channel listed.
+        self._list_unconfirmed(pipe, items)
+
+    def _list_unconfirmed(
+        self, pipe: Any, items: Sequence[tuple[ChannelRef, RealtimeMessage]]
+    ) -> None:
+        # After the marks (and before: `_register`): see `_settle_now` for why.
+        oldest: dict[str, int] = {}
+        for channel, message in items:
+            name = _name(channel)
+            oldest[name] = min(oldest.get(name, message.timestamp), message.timestamp)
+        pipe.zadd(self._unconfirmed_channels, oldest, lt=True)
 
     async def _write_one(self, item: tuple[ChannelRef, RealtimeMessage]) -> None:
-        async with self._r.pipeline(transaction=False) as pipe:
-            self._register(pipe, [item])
-            await pipe.execute()
-        # Script.__call__ reloads the script if Redis lost it (restart, SCRIPT FLUSH).
+        await self._in_order(lambda pipe: self._register(pipe, [item]))
+        # Script.__call__ reloads the script if Redis lost it (restart, SCRIPT FLUSH, a
+        # replica promoted by a failover): on a cluster, on every primary.
         await self._write_script(**self._script_call(*item))
+        await self._in_order(lambda pipe: self._list_unconfirmed(pipe, [item]))
 
     async def _write_many(self, items: Sequence[tuple[ChannelRef, RealtimeMessage]]) -> None:
         """Concurrent writes in one pipeline: one round trip, each still one atomic script.
         If any fails (NOSCRIPT after a restart, say) the caller retries them one by one."""
-        async with self._r.pipeline(transaction=False) as pipe:
-            self._register(pipe, items)
+
+        def scripts(pipe: Any) -> None:
             for item in items:
                 call = self._script_call(*item)
-                pipe.evalsha(
-                    self._write_script.sha, len(call["keys"]), *call["keys"], *call["args"]
-                )
-            await pipe.execute()
+                # execute_command, not pipe.evalsha: redis-py's cluster pipeline refuses that
+                # method, though it routes EVALSHA by its keys' slot.
+                keys, args = call["keys"], call["args"]
+                pipe.execute_command("EVALSHA", self._write_script.sha, len(keys), *keys, *args)
+
+        # The list of marked channels after the marks: see `_settle`.
+        await self._in_order(
+            lambda pipe: self._register(pipe, items),
+            scripts,
+            lambda pipe: self._list_unconfirmed(pipe, items),
+        )
+
+    async def _in_order(self, *steps: Callable[[Any], None]) -> None:
+        """Run each step's commands after the previous step's have run. A single Redis runs a
+        pipeline in order: one round trip. A cluster pipeline sends each node its share at
+        once, so nodes run theirs concurrently: there, one pipeline per step, each awaited."""
+        if not self.cluster:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for step in steps:
+                    step(pipe)
+                await pipe.execute()
+            return
+        for step in steps:
+            async with self._r.pipeline(transaction=False) as pipe:
+                step(pipe)
+                await pipe.execute()
 
     def _decode(self, message_id: str, raw: str | None) -> RealtimeMessage | None:
         """The record, unless missing or expired by the (injectable) clock."""
@@ -371,32 +514,70 @@ class RedisRealtimeTier:
         return found[:limit]
 
     async def unconfirmed_channels(self, sent_until_ms: int) -> list[ChannelRef]:
-        channels = await self.channels()
-        found: list[ChannelRef] = []
-        # One pipelined count per channel, a thousand to a round trip.
-        for start in range(0, len(channels), 1000):
-            chunk = channels[start : start + 1000]
+        # The oldest first, and at most a round's worth: after an outage over many channels a
+        # round stays within its bound, and the next one takes the following ones.
+        names = await self._r.zrangebyscore(
+            self._unconfirmed_channels, "-inf", sent_until_ms, start=0, num=_CHANNELS_PER_ROUND
+        )
+        channels = [_channel(name) for name in names]
+        counts: list[int] = []
+        for first in range(0, len(channels), 1000):
             async with self._r.pipeline(transaction=False) as pipe:
-                for channel in chunk:
+                for channel in channels[first : first + 1000]:
                     pipe.zcount(self._key(channel, "unconfirmed"), "-inf", sent_until_ms)
-                counts = await pipe.execute()
-            found += [c for c, n in zip(chunk, counts, strict=True) if int(n)]
-        return found
+                counts += [int(n) for n in await pipe.execute()]
+        # A channel listed with no mark that old is put back at its oldest mark (or dropped):
+        # the next round does not visit it again before that mark is due.
+        await self._settle([c for c, n in zip(channels, counts, strict=True) if not n])
+        return [c for c, n in zip(channels, counts, strict=True) if n]
+
+    async def _settle(self, channels: Sequence[ChannelRef]) -> None:
+        """List ``channels`` at their oldest mark, or take them off the list if they hold none.
+        Shielded: a caller whose bound runs out leaves it to finish, never half done."""
+        if channels:
+            await asyncio.shield(self._settle_now(channels))
+
+    async def _settle_now(self, channels: Sequence[ChannelRef]) -> None:
+        # Channels with marks are listed again in place, never removed. Those without are
+        # removed and then checked again: a write lists its channel before and after its mark,
+        # so a write listed before the removal has its mark seen by the check after it, and
+        # one listed after it is listed. Each step awaited in turn, so on a cluster too.
+        oldest = await self._oldest_marks(channels)
+        marked = {_name(c): o for c, o in zip(channels, oldest, strict=True) if o is not None}
+        empty = [c for c, o in zip(channels, oldest, strict=True) if o is None]
+        if marked:
+            await self._r.zadd(self._unconfirmed_channels, marked)
+        if not empty:
+            return
+        await self._r.zrem(self._unconfirmed_channels, *{_name(c) for c in empty})
+        again = await self._oldest_marks(empty)
+        late = {_name(c): o for c, o in zip(empty, again, strict=True) if o is not None}
+        if late:
+            await self._r.zadd(self._unconfirmed_channels, late, lt=True)
+
+    async def _oldest_marks(self, channels: Sequence[ChannelRef]) -> list[int | None]:
+        async with self._r.pipeline(transaction=False) as pipe:
+            for channel in channels:
+                pipe.zrange(self._key(channel, "unconfirmed"), 0, 0, withscores=True)
+            replies = await pipe.execute()
+        return [int(r[0][1]) if r else None for r in replies]
 
     async def confirm(self, channel: ChannelRef, message_ids: Sequence[str]) -> None:
-        if len(message_ids) == 1:
-            await self._confirms.submit((channel, message_ids[0]))
-        elif message_ids:
-            await self._r.zrem(self._key(channel, "unconfirmed"), *message_ids)
+        if message_ids:
+            await self._confirms.submit((channel, tuple(message_ids)))
 
-    async def _confirm_one(self, item: tuple[ChannelRef, str]) -> None:
-        await self._r.zrem(self._key(item[0], "unconfirmed"), item[1])
+    async def _confirm_one(self, item: tuple[ChannelRef, tuple[str, ...]]) -> None:
+        await self._confirm_many([item])
 
-    async def _confirm_many(self, items: Sequence[tuple[ChannelRef, str]]) -> None:
+    async def _confirm_many(self, items: Sequence[tuple[ChannelRef, tuple[str, ...]]]) -> None:
         async with self._r.pipeline(transaction=False) as pipe:
-            for channel, message_id in items:
-                pipe.zrem(self._key(channel, "unconfirmed"), message_id)
-            await pipe.execute()
+            for channel, message_ids in items:
+                pipe.zrem(self._key(channel, "unconfirmed"), *message_ids)
+                pipe.zcard(self._key(channel, "unconfirmed"))
+            replies = await pipe.execute()
+        await self._settle(
+            [c for (c, _), left in zip(items, replies[1::2], strict=True) if not left]
+        )
 
     async def read_after(self, channel: ChannelRef, cursor: str | None, limit: int) -> ReplayPage:
         if cursor is not None and (
@@ -440,28 +621,20 @@ class RedisRealtimeTier:
         return f"{time_ms - 1}-{2**64 - 1}" if time_ms > 0 else "0-0"
 
     def live_feed(self) -> LiveFeed:
-        return _RedisFeed(self)
+        return _ClusterFeed(self) if self.cluster else _RedisFeed(self)
 
     async def channels(self) -> list[ChannelRef]:
         since = self._clock.now_ms() - REALTIME_TTL_MS
         names = await self._r.zrangebyscore(self._registry, f"({since}", "+inf")
-        # ws/ch -- ids cannot hold "/", so the split is exact.
-        return sorted(ChannelRef(*name.split("/", 1)) for name in names)
+        return sorted(_channel(name) for name in names)
 
     async def sweep_expired(self, now_ms: int) -> int:
-        """Redis expires the records by itself; this trims the indexes of what has expired
-        (by the injectable clock) and forgets channels idle for longer than the TTL."""
+        """Redis expires the records, and the keys of idle channels, by itself; each write
+        trims its channel's indexes, and readers skip what the (injectable) clock says has
+        expired. What is left is the registry: forget channels idle for longer than the TTL.
+        One call whatever the number of channels."""
         cutoff = now_ms - REALTIME_TTL_MS
-        deleted = 0
-        for channel in await self.channels():
-            async with self._r.pipeline(transaction=False) as pipe:
-                pipe.zremrangebyscore(self._key(channel, "time"), "-inf", cutoff)
-                pipe.zremrangebyscore(self._key(channel, "unconfirmed"), "-inf", cutoff)
-                pipe.zremrangebylex(self._key(channel, "index"), "-", f"[{time_prefix(cutoff)}")
-                trimmed, _, _ = await pipe.execute()
-            deleted += int(trimmed)
-        await self._r.zremrangebyscore(self._registry, "-inf", cutoff)
-        return deleted
+        return int(await self._r.zremrangebyscore(self._registry, "-inf", cutoff))
 
     async def claim_send(self, key: SendKey, claim: SendClaim, ttl_ms: int) -> SendClaim:
         name = f"{self._prefix}claim:{key.workspace_id}/{key.user_id}/{key.client_message_id}"
@@ -498,7 +671,9 @@ class RedisRealtimeTier:
         key = self._events_key(workspace_id)
         last = await self._r.xrevrange(key, "+", "-", count=1)
         position = last[0][0] if last else "0-0"
-        listener: Any = self.reader_connection()
+        # Cluster: on the node serving the key now; after a failure (failover, a moved slot)
+        # the caller opens a new iterator, which asks again.
+        listener: Any = self.reader_connection(key)
         try:
             while True:
                 batches = await listener.xread({key: position}, count=500, block=_BLOCK_MS)
@@ -507,7 +682,17 @@ class RedisRealtimeTier:
                         position = entry_id
                         yield LiveEvent.from_wire(json.loads(fields["data"]))
         finally:
-            await listener.aclose()
+            # The pool too: on a cluster it was made for this listener alone.
+            await listener.aclose(close_connection_pool=True)
+
+
+def _name(channel: ChannelRef) -> str:
+    return f"{channel.workspace_id}/{channel.channel_id}"
+
+
+def _channel(name: str) -> ChannelRef:
+    # ws/ch -- ids cannot hold "/", so the split is exact.
+    return ChannelRef(*name.split("/", 1))
 
 
 def _position(stream_id: str) -> tuple[int, int]:
@@ -600,22 +785,21 @@ class _Reader:
             self.feed.out.put_nowait(entries)
 
 
-class _RedisFeed:
-    """Every watched channel of a process, over ceil(channels / streams_per_read) readers."""
+class _Feed:
+    """What both feeds share: the queue they fill, and each watch's starting position."""
 
     def __init__(self, tier: RedisRealtimeTier) -> None:
         self.tier = tier
         self.out: asyncio.Queue[list[LiveEntry]] = asyncio.Queue()
-        self._readers: list[_Reader] = []
-        self._reader_of: dict[ChannelRef, _Reader] = {}
-        self._unblocks: set[asyncio.Task[Any]] = set()
         self._heads: Coalescer[ChannelRef] = Coalescer(
             self._place_many, self._place_one, max_batch=500, max_in_flight=2
         )
 
-    async def watch(self, channel: ChannelRef) -> None:
-        if channel not in self._reader_of:
-            await self._heads.submit(channel)
+    def _watched(self, channel: ChannelRef) -> bool:
+        raise NotImplementedError
+
+    def _follow(self, channel: ChannelRef, position: str) -> None:
+        raise NotImplementedError
 
     async def _place_one(self, channel: ChannelRef) -> None:
         await self._place_many([channel])
@@ -629,8 +813,28 @@ class _RedisFeed:
                 pipe.xrevrange(self.tier.stream_key(channel), "+", "-", count=1)
             lasts = await pipe.execute()
         for channel, last in zip(channels, lasts, strict=True):
-            if channel not in self._reader_of:
+            if not self._watched(channel):
                 self._follow(channel, last[0][0] if last else "0-0")
+
+    async def next_entries(self) -> list[LiveEntry]:
+        return await next_batches(self.out)
+
+
+class _RedisFeed(_Feed):
+    """Every watched channel of a process, over ceil(channels / streams_per_read) readers."""
+
+    def __init__(self, tier: RedisRealtimeTier) -> None:
+        super().__init__(tier)
+        self._readers: list[_Reader] = []
+        self._reader_of: dict[ChannelRef, _Reader] = {}
+        self._unblocks: set[asyncio.Task[Any]] = set()
+
+    async def watch(self, channel: ChannelRef) -> None:
+        if channel not in self._reader_of:
+            await self._heads.submit(channel)
+
+    def _watched(self, channel: ChannelRef) -> bool:
+        return channel in self._reader_of
 
     def _follow(self, channel: ChannelRef, position: str) -> None:
         reader = next(
@@ -654,9 +858,6 @@ class _RedisFeed:
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         task.add_done_callback(self._unblocks.discard)
 
-    async def next_entries(self) -> list[LiveEntry]:
-        return await next_batches(self.out)
-
     async def close(self) -> None:
         await asyncio.gather(*(r.close() for r in self._readers), return_exceptions=True)
         for task in self._unblocks:
@@ -665,12 +866,490 @@ class _RedisFeed:
         self._readers.clear()
 
 
+class _ClusterFeed(_Feed):
+    """Every watched channel of a process on a Redis Cluster (see the module docstring).
+
+    One task reads: each round, one pipelined non-blocking XREAD per due channel, which
+    redis-py's cluster pipeline sends as one batch per node. A channel is due when its
+    wake-up arrives, after its subscription is (re)confirmed, when a read took a full page,
+    and for everyone every `_POLL_S`. Positions only move as entries are handed on, so a
+    missed or repeated wake-up costs a read, never an entry."""
+
+    def __init__(self, tier: RedisRealtimeTier) -> None:
+        super().__init__(tier)
+        self.positions: dict[ChannelRef, str] = {}
+        self._due: set[ChannelRef] = set()
+        self._woken = asyncio.Event()
+        self._subscribers: dict[str, _Subscriber] = {}
+        self._subscriber_of: dict[ChannelRef, _Subscriber] = {}
+        self._homeless: set[ChannelRef] = set()
+        self._placing: asyncio.Task[None] | None = None
+        self.placement_delay_s = 0.05
+        """Grows while channels keep coming back unplaced; a confirmation resets it."""
+        self._reader: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def watch(self, channel: ChannelRef) -> None:
+        if channel not in self.positions:
+            await self._heads.submit(channel)
+        subscriber = self._subscriber_of.get(channel)
+        if subscriber is None:
+            return  # no node for its slot just now: read by the poll until placed
+        # In place once its node confirms; a node slower than the call bound still has the
+        # position: the poll reads from it.
+        confirmed = subscriber.confirmation(channel)
+        if confirmed is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(confirmed), self.tier.timeout_s)
+
+    def _watched(self, channel: ChannelRef) -> bool:
+        return channel in self.positions
+
+    def _follow(self, channel: ChannelRef, position: str) -> None:
+        self.positions[channel] = position
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read_loop())
+        self._subscribe(channel)
+
+    def _subscribe(self, channel: ChannelRef) -> None:
+        """Hand the channel to the subscriber of the primary serving its slot now."""
+        try:
+            node = self.tier._r.get_node_from_key(self.tier.wake_key(channel))
+        except RedisClusterException:  # slot not covered: mid-failover
+            node = None
+        if node is None:
+            self._homeless.add(channel)
+            return
+        subscriber = self._subscribers.get(node.name)
+        if subscriber is None:
+            subscriber = self._subscribers[node.name] = _Subscriber(self, node)
+        self._subscriber_of[channel] = subscriber
+        subscriber.add(channel)
+
+    def moved(self, channel: ChannelRef) -> None:
+        """A subscriber gave ``channel`` up (its slot moved, its node failed over): place it
+        again once the slot map is read afresh."""
+        self._subscriber_of.pop(channel, None)
+        if channel in self.positions:
+            self._homeless.add(channel)
+            self.wake(channel)
+            if self._placing is None or self._placing.done():
+                self._placing = asyncio.create_task(self._place_homeless())
+
+    def gone(self, subscriber: _Subscriber) -> None:
+        if self._subscribers.get(subscriber.node.name) is subscriber:
+            del self._subscribers[subscriber.node.name]
+
+    async def refresh_slots(self) -> None:
+        """Read the slot map again (concurrent callers share one refresh). Best effort: the
+        callers retry."""
+        try:
+            async with _turn(self.tier._r.gate):
+                await asyncio.wait_for(
+                    self.tier._r.nodes_manager.initialize(), self.tier.timeout_s * 2
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            log.debug("cluster slot map refresh failed: %r", error)
+
+    async def _place_homeless(self) -> None:
+        while self._homeless and not self._closed:
+            # Backs off while a node keeps refusing what the slot map says it serves.
+            await asyncio.sleep(self.placement_delay_s)
+            self.placement_delay_s = min(2.0, self.placement_delay_s * 2)
+            await self.refresh_slots()
+            for channel in list(self._homeless):
+                self._homeless.discard(channel)
+                if channel in self.positions and channel not in self._subscriber_of:
+                    self._subscribe(channel)
+
+    def wake(self, channel: ChannelRef, entry_id: str | None = None) -> None:
+        """Read ``channel`` soon (unless ``entry_id``, the write that woke it, was read)."""
+        position = self.positions.get(channel)
+        if position is None:
+            return
+        if (
+            entry_id is not None
+            and _STREAM_ID.fullmatch(entry_id)
+            and _position(entry_id) <= _position(position)
+        ):
+            return
+        self._due.add(channel)
+        self._woken.set()
+
+    def unwatch(self, channel: ChannelRef) -> None:
+        self.positions.pop(channel, None)
+        self._due.discard(channel)
+        self._homeless.discard(channel)
+        subscriber = self._subscriber_of.pop(channel, None)
+        if subscriber is not None:
+            subscriber.remove(channel)
+
+    async def _read_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_poll = loop.time() + _POLL_S
+        failures = 0
+        while not self._closed:
+            if not self._due:
+                self._woken.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._woken.wait(), max(0.0, next_poll - loop.time()))
+            if loop.time() >= next_poll:
+                # The safety net: a wake-up lost to a dropped connection or a moved slot.
+                self._due.update(self.positions)
+                next_poll = loop.time() + _POLL_S
+                if self._homeless and (self._placing is None or self._placing.done()):
+                    self._placing = asyncio.create_task(self._place_homeless())
+            batch = {
+                channel: self.positions[channel]
+                for channel in list(self._due)[: self.tier.streams_per_read]
+                if channel in self.positions
+            }
+            self._due.difference_update(batch)
+            self._due.intersection_update(self.positions)
+            if not batch:
+                continue
+            try:
+                replies = await asyncio.wait_for(self._read(batch), self.tier.timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                replies = [error] * len(batch)
+            failed = None
+            for (channel, position), reply in zip(batch.items(), replies, strict=True):
+                if isinstance(reply, Exception):
+                    failed = reply
+                    self._due.add(channel)  # the position stays: nothing is skipped
+                elif (
+                    self.positions.get(channel) == position  # not re-watched meanwhile
+                    and self._dispatch(channel, reply) >= _PER_STREAM
+                ):
+                    self._due.add(channel)  # a full page: more to read
+            self._due.intersection_update(self.positions)
+            if failed is None:
+                failures = 0
+                continue
+            failures += 1
+            if failures == 1:
+                log.warning("live reader failed, retrying: %r", failed)
+            await asyncio.sleep(min(2.0, 0.1 * 2**failures))
+
+    async def _read(self, batch: dict[ChannelRef, str]) -> list[Any]:
+        async with self.tier._r.pipeline(transaction=False) as pipe:
+            for channel, position in batch.items():
+                pipe.xread({self.tier.stream_key(channel): position}, count=_PER_STREAM)
+            return list(await pipe.execute(raise_on_error=False))
+
+    def _dispatch(self, channel: ChannelRef, reply: Any) -> int:
+        """Hand on what one XREAD of one stream returned; how many entries it held."""
+        entries: list[LiveEntry] = []
+        count = 0
+        for _, stream_entries in reply or ():  # [[stream, [(id, fields), ...]]]
+            for entry_id, fields in stream_entries:
+                count += 1
+                self.positions[channel] = entry_id
+                entry = self.tier.decode_entry(channel, entry_id, fields)
+                if entry is not None:
+                    entries.append(entry)
+        if entries:
+            self.out.put_nowait(entries)
+        return count
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = [t for t in (self._reader, self._placing) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(
+            *(s.close() for s in list(self._subscribers.values())), return_exceptions=True
+        )
+        self._subscribers.clear()
+        self._subscriber_of.clear()
+
+
+class _Subscriber:
+    """One connection to one primary, subscribed (SSUBSCRIBE, one slot a command) to the
+    wake-up channels of the watched channels whose slots that node serves.
+
+    Replies come in command order, so each confirmation or error is matched to its command.
+    A channel whose SSUBSCRIBE is answered MOVED, or that the server unsubscribes (its slot
+    migrated, its node was demoted), goes back to the feed to be placed again. A failed
+    connection is replaced; after a failure the slot map is read again and channels whose
+    slot another primary now serves move there. Every (re)confirmed subscription is followed
+    by a read of its channel, so nothing written meanwhile waits for the poll."""
+
+    def __init__(self, feed: _ClusterFeed, node: ClusterNode) -> None:
+        self.feed = feed
+        self.node = node
+        self.channels: dict[str, ChannelRef] = {}
+        self._confirmations: dict[str, asyncio.Future[None]] = {}
+        self._sent: collections.deque[tuple[str, str]] = collections.deque()
+        self._changed = asyncio.Event()
+        self._queued: list[tuple[str, str]] = []
+        self._confirmed_any = False
+        self._closed = False
+        self.task = asyncio.create_task(self._run())
+
+    def add(self, channel: ChannelRef) -> None:
+        wake = self.feed.tier.wake_key(channel)
+        self.channels[wake] = channel
+        self._confirmations[wake] = asyncio.get_running_loop().create_future()
+        self._queued.append(("SSUBSCRIBE", wake))
+        self._changed.set()
+
+    def confirmation(self, channel: ChannelRef) -> asyncio.Future[None] | None:
+        return self._confirmations.get(self.feed.tier.wake_key(channel))
+
+    def remove(self, channel: ChannelRef) -> None:
+        wake = self.feed.tier.wake_key(channel)
+        if self.channels.pop(wake, None) is None:
+            return
+        self._settle(wake)
+        self._queued.append(("SUNSUBSCRIBE", wake))
+        self._changed.set()
+
+    def _settle(self, wake: str) -> None:
+        confirmed = self._confirmations.pop(wake, None)
+        if confirmed is not None and not confirmed.done():
+            confirmed.set_result(None)
+
+    def _give_up(self, wake: str) -> None:
+        """The channel's slot is not this node's (any more): back to the feed."""
+        channel = self.channels.pop(wake, None)
+        self._settle(wake)
+        if channel is not None:
+            self.feed.moved(channel)
+
+    async def close(self) -> None:
+        self._closed = True
+        self.task.cancel()
+        await asyncio.wait({self.task}, timeout=5)
+        for wake in list(self._confirmations):
+            self._settle(wake)
+
+    async def _run(self) -> None:
+        failures = 0
+        try:
+            while self.channels and not self._closed:
+                self._confirmed_any = False
+                try:
+                    await self._session()
+                    continue  # it returned: nothing left to follow, unless added since
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:
+                    failures = 1 if self._confirmed_any else failures + 1
+                    if failures == 1:
+                        log.warning("live wake-ups from %s failed: %r", self.node.name, error)
+                await asyncio.sleep(min(2.0, 0.1 * 2**failures))
+                # The node may be gone (a failover) or serve other slots now.
+                await self.feed.refresh_slots()
+                for wake in list(self.channels):
+                    try:
+                        node = self.feed.tier._r.get_node_from_key(wake)
+                    except RedisClusterException:
+                        node = None
+                    if node is None or node.name != self.node.name:
+                        self._give_up(wake)
+        finally:
+            self.feed.gone(self)
+            for wake in list(self.channels):
+                if self._closed:
+                    self._settle(wake)
+                else:
+                    self._give_up(wake)
+
+    async def _session(self) -> None:
+        """One connection: subscribe every channel, then serve replies and changes until it
+        fails, or nothing is left to follow (then return)."""
+        # No retries inside redis-py (a silent reconnect would lose the subscriptions) and
+        # no health check (its PING would read our replies): this loop does both.
+        connection: Any = self.node.connection_class(
+            **{
+                **self.node.connection_kwargs,
+                "retry": Retry(NoBackoff(), 0),
+                "health_check_interval": 0,
+            }
+        )
+        self._sent.clear()
+        self._queued = [("SSUBSCRIBE", wake) for wake in self.channels]
+        try:
+            await asyncio.wait_for(connection.connect(), self.feed.tier.timeout_s)
+            reading: asyncio.Task[Any] = asyncio.create_task(self._read(connection))
+            changed: asyncio.Task[Any] | None = None
+            pinged = False
+            try:
+                while self.channels or self._sent:
+                    self._changed.clear()  # before: what is queued meanwhile sets it again
+                    await self._send_queued(connection)
+                    if changed is None or changed.done():
+                        changed = asyncio.create_task(self._changed.wait())
+                    done, _ = await asyncio.wait(
+                        {reading, changed}, timeout=_IDLE_S, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if reading in done:
+                        reply = reading.result()  # raises what the read raised
+                        reading = asyncio.create_task(self._read(connection))
+                        pinged = False
+                        self._handle(reply)
+                    elif not done:  # silent for _IDLE_S
+                        if pinged:
+                            raise RedisTimeoutError(f"no answer from {self.node.name} to PING")
+                        await connection.send_command("PING", check_health=False)
+                        pinged = True
+            finally:
+                tasks = [t for t in (reading, changed) if t is not None]
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await connection.disconnect(nowait=True)
+
+    async def _send_queued(self, connection: Any) -> None:
+        queued, self._queued = self._queued, []
+        for command, wake in queued:
+            if command == "SSUBSCRIBE" and wake not in self.channels:
+                continue  # unwatched before it was sent
+            self._sent.append((command, wake))
+            await connection.send_command(command, wake, check_health=False)
+
+    @staticmethod
+    async def _read(connection: Any) -> Any:
+        try:
+            return await connection.read_response(timeout=math.inf, push_request=True)
+        except ResponseError as error:
+            return error  # an answer to one command (MOVED...): the connection is fine
+
+    def _handle(self, reply: Any) -> None:
+        if isinstance(reply, ResponseError):
+            if not self._sent:
+                raise reply
+            command, wake = self._sent.popleft()
+            if command == "SSUBSCRIBE" and wake in self.channels:
+                log.info("live wake-up %s refused by %s: %r", wake, self.node.name, reply)
+                self._give_up(wake)
+            return
+        if not isinstance(reply, list) or len(reply) < 3:
+            return  # PONG
+        kind, wake, data = str(reply[0]).lower(), str(reply[1]), reply[2]
+        if kind == "smessage":
+            channel = self.channels.get(wake)
+            if channel is not None:
+                self.feed.wake(channel, str(data))
+        elif kind == "ssubscribe":
+            if self._sent and self._sent[0] == ("SSUBSCRIBE", wake):
+                self._sent.popleft()
+            channel = self.channels.get(wake)
+            if channel is not None:
+                self._settle(wake)
+                self._confirmed_any = True
+                self.feed.placement_delay_s = 0.05
+                self.feed.wake(channel)  # what was written before the subscription took
+        elif kind == "sunsubscribe":
+            if self._sent and self._sent[0] == ("SUNSUBSCRIBE", wake):
+                self._sent.popleft()  # ours
+            elif wake in self.channels:  # the server's: the slot is no longer this node's
+                self._give_up(wake)
+
+
+def _seeds(url: str) -> list[tuple[str, int]]:
+    """The host:port pairs of a `redis+cluster://` URL's comma-separated node list."""
+    hosts = urlsplit(url).netloc.rpartition("@")[2]
+    seeds = []
+    for item in hosts.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        if not colon or "]" in port:  # no port (an IPv6 address alone counts as no port)
+            host, port = item.strip(), "6379"
+        host = host.strip("[]")
+        if not host or not port.isdigit():
+            raise BadSetting(f"{redact_url(url)}: {item!r} is not host:port")
+        seeds.append((host, int(port)))
+    return seeds
+
+
+_HOLDING_A_TURN: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "dualwrite_redis_turn", default=False
+)
+
+
+@contextlib.asynccontextmanager
+async def _turn(gate: asyncio.Semaphore) -> AsyncIterator[None]:
+    """One of the gate's turns, unless this task holds one already (redis-py runs a
+    pipeline's redirected commands one by one from inside the pipeline)."""
+    if _HOLDING_A_TURN.get():
+        yield
+        return
+    async with gate:
+        held = _HOLDING_A_TURN.set(True)
+        try:
+            yield
+        finally:
+            _HOLDING_A_TURN.reset(held)
+
+
+class _Cluster(RedisCluster):
+    """redis-py's cluster client, whose calls wait their turn as they do on a single Redis
+    (`BlockingConnectionPool`): at most `max_connections` commands and pipelines at once, each
+    taking at most one connection of each node, so no node's pool (of as many) runs out.
+    redis-py's own cluster pools refuse a connection past their size at once
+    (MaxConnectionsError), which would fail a burst of sends instead of queueing it."""
+
+    gate: asyncio.Semaphore
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with _turn(self.gate):
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
+        if shard_hint:
+            return super().pipeline(transaction, shard_hint)  # refused by redis-py
+        return _ClusterPipeline(self, transaction)  # type: ignore[abstract]  # as redis-py does
+
+
+class _ClusterPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        gate = self.cluster_client.gate  # type: ignore[attr-defined]
+        async with _turn(gate):
+            return await super().execute(raise_on_error, allow_redirections)
+
+
+def _cluster_client(url: str, max_connections: int, options: dict[str, Any]) -> _Cluster:
+    """redis-py's cluster client for `redis+cluster://[user:password@]host:port[,host:port...]`
+    (`rediss+cluster://`: TLS). Every listed node is a seed; the first that answers gives the
+    slot map. Query options other than ours go to redis-py, as for `redis://`."""
+    parts = urlsplit(url)
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    (host, port), *others = _seeds(url)
+    scheme = "rediss" if parts.scheme.startswith("rediss") else "redis"
+    first = urlunsplit(parts._replace(scheme=scheme, netloc=f"{userinfo}{at}{_netloc(host, port)}"))
+    client = cast(
+        _Cluster,
+        _Cluster.from_url(
+            first,
+            startup_nodes=[ClusterNode(h, p) for h, p in others],
+            max_connections=max_connections,
+            **options,
+        ),
+    )
+    client.gate = asyncio.Semaphore(max_connections)
+    return client
+
+
+def _netloc(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def create(url: str, context: BackendContext) -> RealtimeTier:
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query))
     prefix = query.pop("prefix", "dualwrite:")
     max_connections = int(query.pop("max_connections", "64"))
     clean = urlunsplit(parts._replace(query=urlencode(query)))
+    cluster = parts.scheme.endswith("+cluster")
+    if cluster:
+        _seeds(url)  # a malformed node list is a bad setting now, not at connect
     return RedisRealtimeTier(
         clean,
         prefix,
@@ -678,4 +1357,5 @@ def create(url: str, context: BackendContext) -> RealtimeTier:
         context.realtime_timeout_s,
         context.live_streams_per_read,
         max_connections,
+        cluster=cluster,
     )
