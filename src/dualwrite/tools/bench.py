@@ -302,8 +302,12 @@ def median_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if isinstance(sample, dict):
             merged[key] = median_figures([v if isinstance(v, dict) else {} for v in values])
         elif isinstance(sample, int | float) and not isinstance(sample, bool):
-            median = statistics.median(v if isinstance(v, int | float) else 0 for v in values)
-            merged[key] = round(median, 3) if isinstance(median, float) else median
+            numbers = [v if isinstance(v, int | float) else 0 for v in values]
+            median = statistics.median(numbers)
+            if all(isinstance(v, int) for v in numbers) and median == int(median):
+                merged[key] = int(median)
+            else:
+                merged[key] = round(median, 3)
         else:
             merged[key] = sample
     return merged

@@ -3,8 +3,9 @@
 Per message, the backend work the library does, with bare clients and in batches, as a careful
 hand-written client would do it: sends that arrive while a batch is out wait for the next one,
 and each batch is one Redis pipeline (per message the realtime tier's own write script, by
-EVALSHA, on keys of the same shape; the channel registry; the previous batches' "unconfirmed"
-marks cleared) and then one multi-row insert into a table shaped like the store's, with its
+EVALSHA, on keys of the same shape; the channel registry and the list of channels holding
+"unconfirmed" marks; the previous batches' marks cleared, and a channel left without any taken
+off that list) and then one multi-row insert into a table shaped like the store's, with its
 indexes. A message's sender hears back only once both writes of its batch are done, so the
 order (realtime, then permanent) and the durability before answering are the library's. A
 reader blocks in XREAD over the channels' streams, as the library's live feed does, so both
@@ -187,12 +188,20 @@ async def _realtime(
         async def write_redis(batch: Sequence[Item]) -> Callable[[], None]:
             now = int(time.time() * 1000)
             latest: dict[str, int] = {}
-            cleared, confirms[:] = list(confirms), []
+            oldest: dict[str, int] = {}
+            for item in batch:
+                name, sent = f"bench/{item.channel}", item.record["timestamp"]
+                latest[name] = max(latest.get(name, 0), sent)
+                oldest[name] = min(oldest.get(name, sent), sent)
+            cleared: dict[str, list[str]] = {}
+            for channel, message_id in confirms:
+                cleared.setdefault(channel, []).append(message_id)
+            confirms.clear()
             async with client.pipeline(transaction=False) as pipe:
-                for item in batch:
-                    name = f"bench/{item.channel}"
-                    latest[name] = max(latest.get(name, 0), item.record["timestamp"])
+                # The channel registry and the list of channels with marks, before and after
+                # the marks; the previous batches' marks cleared (with what is left of each).
                 pipe.zadd(f"{prefix}channels", latest, gt=True)
+                pipe.zadd(f"{prefix}unconfirmed-channels", oldest, lt=True)
                 for item in batch:
                     c = item.channel
                     pipe.evalsha(
@@ -210,13 +219,22 @@ async def _realtime(
                         TTL_MS,
                         item.record["timestamp"],
                         now - TTL_MS,
+                        "",  # no cluster: no wake-up channel
                     )
-                by_channel: dict[str, list[str]] = {}
-                for channel, message_id in cleared:
-                    by_channel.setdefault(channel, []).append(message_id)
-                for channel, message_ids in by_channel.items():
+                pipe.zadd(f"{prefix}unconfirmed-channels", oldest, lt=True)
+                for channel, message_ids in cleared.items():
                     pipe.zrem(key(channel, "unconfirmed"), *message_ids)
-                await pipe.execute()
+                    pipe.zcard(key(channel, "unconfirmed"))
+                replies = await pipe.execute()
+            left = replies[len(batch) + 3 :][1::2]
+            empty = [c for c, n in zip(cleared, left, strict=True) if not n]
+            if empty:
+                # A channel left without marks comes off the list (checked again after).
+                await client.zrem(f"{prefix}unconfirmed-channels", *(f"bench/{c}" for c in empty))
+                async with client.pipeline(transaction=False) as pipe:
+                    for channel in empty:
+                        pipe.zrange(key(channel, "unconfirmed"), 0, 0, withscores=True)
+                    await pipe.execute()
 
             def saved() -> None:
                 # Cleared with the next batch, off this one's path, as the library does.
@@ -230,7 +248,7 @@ async def _realtime(
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
             await listener.aclose()
-            await client.delete(f"{prefix}channels")
+            await client.delete(f"{prefix}channels", f"{prefix}unconfirmed-channels")
             await client.aclose()
     else:
         yield None
