@@ -67,7 +67,9 @@ def test_bench_raw_baseline_prints_a_ratio(
     out = embedded / "bench.json"
     args = ["bench", "--messages", "40", "--concurrency", "4", "--baseline", "raw"]
     assert main([*args, "--json", str(out)]) == 0
-    table = capsys.readouterr().out.splitlines()
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("bench: load average ")
+    table = printed[1:]
     assert table[-1].startswith("dualwrite / raw (sends/s)")
     figures = json.loads(out.read_text())
     assert figures["baseline_raw"]["outcomes"] == {"saved": 40}

@@ -8,6 +8,7 @@ import contextlib
 import importlib
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from dualwrite import local_serve
+from dualwrite._files import raise_open_files_limit
 from dualwrite.backends import BackendContext
 from dualwrite.errors import (
     BackendUnavailable,
@@ -252,9 +254,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--baseline",
-        choices=["none", "raw"],
+        choices=["none", "raw", "raw-batched"],
         default="none",
-        help="also run the same backend work with bare clients, for a ratio",
+        help="also run the same backend work with bare clients, for a ratio (library target): "
+        "raw awaits each message's writes in turn, raw-batched writes concurrent ones in one "
+        "pipeline and one multi-row insert per batch (the practical ceiling)",
+    )
+    bench.add_argument(
+        "--rate",
+        type=float,
+        metavar="SENDS_PER_S",
+        help="start sends at this rate (at most --concurrency in flight) instead of as fast "
+        "as they are answered",
+    )
+    bench.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="repeat the measurement N times and report each figure's median",
     )
     bench.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     _backend_flags(bench)
@@ -476,6 +493,17 @@ def _serve(args: argparse.Namespace) -> int:
 
     configure(verbose=True, json_lines=args.log_json)
     settings, server_settings = serve_settings(args)
+    # Each socket is an open file: a soft limit of 1,024 would refuse connections long before
+    # `ws_max_sockets`.
+    open_files = raise_open_files_limit()
+    if open_files < server_settings.ws_max_sockets + 256:
+        log.warning(
+            "open files limit %d is below %s=%d (plus the backends' connections): raise the "
+            "hard limit (ulimit -Hn) or lower it",
+            open_files,
+            server_settings.env_name("ws_max_sockets"),
+            server_settings.ws_max_sockets,
+        )
     if server_settings.workers > 1:
         return _serve_workers(settings, server_settings, log_json=args.log_json)
     return asyncio.run(_serve_here(settings, server_settings))
@@ -701,66 +729,115 @@ async def _migrate(args: argparse.Namespace) -> int:
 
 async def _bench(args: argparse.Namespace) -> int:
     bench = _needs_extra("dualwrite.tools.bench", "tools", "bench")
-    if args.baseline == "raw" and args.target != "library":
-        # The raw baseline is bare client calls in this process; set beside HTTP sends it would
-        # measure the HTTP layer (requests, auth, JSON, a second process), not dualwrite's work.
+    if args.baseline != "none" and args.target != "library":
+        # The raw baselines are bare client calls in this process; set beside HTTP sends they
+        # would measure the HTTP layer (requests, auth, JSON, a second process), not dualwrite's.
         raise BadSetting(
-            "--baseline raw compares with --target library only: it writes with bare clients "
-            "in this process, so beside HTTP sends it would measure HTTP, not dualwrite"
+            f"--baseline {args.baseline} compares with --target library only: it writes with "
+            "bare clients in this process, so beside HTTP sends it would measure HTTP, not "
+            "dualwrite"
         )
-    Progress, run_http, run_library = bench.Progress, bench.run_http, bench.run_library
-    run_raw, write_json = bench.run_raw, bench.write_json
-
-    with tempfile.TemporaryDirectory(prefix="dualwrite-bench-") as scratch:
-        # Unless told otherwise, measure the embedded default on scratch files.
-        settings = Settings.from_env(
-            store_url=args.store or f"sqlite:///{Path(scratch, 'messages.db')}",
-            realtime_url=args.realtime,
-            queue_path=args.queue or str(Path(scratch, "queue.db")),
+    if args.runs < 1:
+        raise BadSetting("--runs must be 1 or more")
+    if args.rate is not None and not (args.rate > 0 and math.isfinite(args.rate)):
+        raise BadSetting("--rate must be a number of sends a second above 0")
+    # Every socket of the http target is a file descriptor here and in the server (which
+    # raises its own limit too, and inherits this one).
+    open_files = raise_open_files_limit()
+    if args.target == "http" and open_files < args.subscribers + 100:
+        raise BadSetting(
+            f"--subscribers {args.subscribers} needs as many open files, and the limit here is "
+            f"{open_files} (`ulimit -Hn`): raise it"
         )
-        labels = (redact_url(settings.realtime_url), redact_url(settings.store_url))
-        if args.target in ("history", "reconcile"):
-            return await _bench_reading(args, settings, scratch, labels)
-        args.messages = args.messages or 10_000
-        if args.target == "library":
-            async with open_dualwrite(settings) as dw:
-                report = await run_library(
-                    dw,
-                    messages=args.messages,
-                    concurrency=args.concurrency,
-                    channels=args.channels,
-                    on_sent=Progress(args.messages).advance,
-                )
-            report.realtime_url, report.store_url = labels
-        else:
-            with bench.bench_server(settings, scratch) as (base, token, pid):
-                report = await run_http(
-                    base,
-                    token,
-                    messages=args.messages,
-                    concurrency=args.concurrency,
-                    subscribers=args.subscribers,
-                    channels=args.channels,
-                    server_pid=pid,
-                    labels=labels,
-                    on_sent=Progress(args.messages).advance,
-                )
-        if args.baseline == "raw":
-            report.baseline = await run_raw(
-                settings.realtime_url,
-                settings.store_url,
-                messages=args.messages,
-                concurrency=args.concurrency,
-                on_sent=Progress(args.messages, label="sent (raw baseline)").advance,
-            )
-            if report.baseline is None:
-                print("bench: no raw baseline for these backends", file=sys.stderr)
-            else:
-                report.baseline.realtime_url, report.baseline.store_url = labels
-    print(report.table())
+    runs: list[dict[str, Any]] = []
+    for number in range(1, args.runs + 1):
+        label = f" before run {number} of {args.runs}" if args.runs > 1 else ""
+        load = bench.announce_load(sys.stdout, sys.stderr, label)
+        with tempfile.TemporaryDirectory(prefix="dualwrite-bench-") as scratch:
+            outcome = await _bench_once(args, bench, scratch)
+        if isinstance(outcome, int):  # history or reconcile: printed already
+            if outcome or number == args.runs:
+                return outcome
+            continue
+        outcome.load = load
+        figures = outcome.as_dict()
+        runs.append(figures)
+        if args.runs > 1:
+            print(f"bench: run {number}: {bench.summary_line(figures)}", flush=True)
+    figures = bench.median_figures(runs) if len(runs) > 1 else runs[0]
+    if len(runs) > 1:
+        figures["load_average"] = [run["load_average"] for run in runs]
+        print(f"median of {len(runs)} runs:")
+    print(bench.figures_table(figures))
     if args.json:
-        await asyncio.to_thread(write_json, args.json, report)
+        if len(runs) > 1:
+            figures["runs"] = runs
+        await asyncio.to_thread(bench.write_json, args.json, figures)
     return 0
+
+
+async def _bench_once(args: argparse.Namespace, bench: Any, scratch: str) -> Any:
+    """One measurement (with its baseline): a `BenchReport`, or the exit code of a reading
+    target, which prints its own figures."""
+    # Unless told otherwise, measure the embedded default on scratch files.
+    settings = Settings.from_env(
+        store_url=args.store or f"sqlite:///{Path(scratch, 'messages.db')}",
+        realtime_url=args.realtime,
+        queue_path=args.queue or str(Path(scratch, "queue.db")),
+    )
+    labels = (redact_url(settings.realtime_url), redact_url(settings.store_url))
+    if args.target in ("history", "reconcile"):
+        return await _bench_reading(args, settings, scratch, labels)
+    messages = args.messages or 10_000
+    if args.target == "library":
+        async with open_dualwrite(settings) as dw:
+            report = await bench.run_library(
+                dw,
+                messages=messages,
+                concurrency=args.concurrency,
+                channels=args.channels,
+                rate=args.rate,
+                on_sent=bench.Progress(messages).advance,
+            )
+        report.realtime_url, report.store_url = labels
+    else:
+        with bench.bench_server(settings, scratch, args.subscribers) as (base, token, pid):
+            report = await bench.run_http(
+                base,
+                token,
+                messages=messages,
+                concurrency=args.concurrency,
+                subscribers=args.subscribers,
+                channels=args.channels,
+                server_pid=pid,
+                labels=labels,
+                rate=args.rate,
+                on_sent=bench.Progress(messages).advance,
+            )
+    if args.baseline == "raw":
+        report.baseline = await bench.run_raw(
+            settings.realtime_url,
+            settings.store_url,
+            messages=messages,
+            concurrency=args.concurrency,
+            on_sent=bench.Progress(messages, label="sent (raw baseline)").advance,
+        )
+    elif args.baseline == "raw-batched":
+        report.baseline = await bench.run_raw_batched(
+            settings.realtime_url,
+            settings.store_url,
+            messages=messages,
+            concurrency=args.concurrency,
+            channels=args.channels,
+            rate=args.rate,
+            on_sent=bench.Progress(messages, label="sent (raw-batched baseline)").advance,
+        )
+    if args.baseline != "none":
+        if report.baseline is None:
+            print("bench: no raw baseline for these backends", file=sys.stderr)
+        else:
+            report.baseline.realtime_url, report.baseline.store_url = labels
+    return report
 
 
 # What each extra brings, as the modules a command imports (pyproject.toml lists the packages).

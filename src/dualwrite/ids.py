@@ -7,6 +7,7 @@ sort in creation order (by plain string comparison, as Firebase orders keys).
 
 from __future__ import annotations
 
+import functools
 import secrets
 import threading
 import time
@@ -26,7 +27,8 @@ class PushIdGenerator:
         self._now_ms = now_ms or (lambda: time.time_ns() // 1_000_000)
         self._lock = threading.Lock()
         self._last_ms = -1
-        self._last_random = [0] * _RANDOM_CHARS
+        self._last_random = bytearray(_RANDOM_CHARS)
+        """The random part as digits (0-63)."""
 
     def new_id(self) -> str:
         """Return a fresh id, greater than every id this generator returned before."""
@@ -38,9 +40,9 @@ class PushIdGenerator:
                 self._increment_random()
             else:
                 # 256 is a multiple of 64, so each byte modulo 64 is a uniform digit.
-                self._last_random = [b % _BASE for b in secrets.token_bytes(_RANDOM_CHARS)]
+                self._last_random = bytearray(secrets.token_bytes(_RANDOM_CHARS).translate(_DIGIT))
             self._last_ms = now
-            return time_prefix(now) + "".join(PUSH_CHARS[i] for i in self._last_random)
+            return time_prefix(now) + self._last_random.translate(_CHAR).decode("ascii")
 
     def _increment_random(self) -> None:
         for position in range(_RANDOM_CHARS - 1, -1, -1):
@@ -52,8 +54,16 @@ class PushIdGenerator:
         self._last_ms += 1
 
 
+_DIGIT = bytes(b % _BASE for b in range(256))
+"""A byte to a digit (0-63)."""
+_CHAR = bytes(ord(PUSH_CHARS[b % _BASE]) for b in range(256))
+"""A digit (0-63) to its character."""
+
+
+@functools.lru_cache(maxsize=1024)
 def time_prefix(ms: int) -> str:
-    """The eight leading characters of every push id made in millisecond ``ms``."""
+    """The eight leading characters of every push id made in millisecond ``ms`` (the same
+    millisecond comes up again and again under load: remembered)."""
     chars = []
     for _ in range(_TIME_CHARS):
         chars.append(PUSH_CHARS[ms % _BASE])

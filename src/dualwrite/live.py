@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 
 from dualwrite.errors import DualWriteError, InvalidInput
@@ -56,13 +56,27 @@ class LiveLimits:
 
 
 class _Listener:
+    """One listener's waiting entries. Small on purpose (one per live socket, thousands per
+    process): a list, and a future only while its consumer waits."""
+
+    __slots__ = (
+        "_buffer",
+        "_entries",
+        "_on_overflow",
+        "_overflow",
+        "_waiter",
+        "overflowed",
+        "replaying",
+    )
+
     def __init__(self, buffer: int) -> None:
         self._buffer = buffer
-        self._entries: deque[LiveEntry] = deque()
-        self._ready = asyncio.Event()
+        self._entries: list[LiveEntry] = []
+        self._waiter: asyncio.Future[None] | None = None
+        self._overflow: asyncio.Event | None = None
+        self._on_overflow: list[Callable[[], object]] = []
         self.replaying = True
         self.overflowed = False
-        self.overflow = asyncio.Event()
 
     def offer(self, entry: LiveEntry) -> None:
         if self.overflowed:
@@ -74,36 +88,67 @@ class _Listener:
             else:
                 # Nothing is dropped from the front: what the client got stays its resume point.
                 self.overflowed = True
-                self.overflow.set()
-                self._ready.set()
+                if self._overflow is not None:
+                    self._overflow.set()
+                for callback in self._on_overflow:
+                    callback()
+                self._wake()
                 return
         self._entries.append(entry)
-        self._ready.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def overflow_event(self) -> asyncio.Event:
+        if self._overflow is None:
+            self._overflow = asyncio.Event()
+            if self.overflowed:
+                self._overflow.set()
+        return self._overflow
+
+    def when_overflowed(self, callback: Callable[[], object]) -> None:
+        if self.overflowed:
+            callback()
+        else:
+            self._on_overflow.append(callback)
 
     def waiting(self) -> int:
         return len(self._entries)
 
     async def take(self) -> list[LiveEntry]:
         while not self._entries and not self.overflowed:
-            self._ready.clear()
-            await self._ready.wait()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
         if self.overflowed:
             raise Overflowed(f"more than {self._buffer} entries waiting")
-        entries = list(self._entries)
-        self._entries.clear()
+        entries, self._entries = self._entries, []
         return entries
 
 
 class Subscription:
-    """One listener's entries (iterate it) and its overflow, which is set the moment it
-    happens: a consumer stuck sending to a stalled client learns of it without iterating."""
+    """One listener's entries (iterate it) and its overflow, which is known the moment it
+    happens: a consumer stuck sending to a stalled client learns of it without iterating
+    (`overflow`, an event, or `when_overflowed`, a callback)."""
 
-    def __init__(self, entries: AsyncIterator[LiveEntry], overflow: asyncio.Event) -> None:
+    def __init__(self, entries: AsyncIterator[LiveEntry], listener: _Listener) -> None:
         self._entries = entries
-        self.overflow = overflow
+        self._listener = listener
 
     def __aiter__(self) -> AsyncIterator[LiveEntry]:
         return self._entries
+
+    @property
+    def overflow(self) -> asyncio.Event:
+        return self._listener.overflow_event()
+
+    def when_overflowed(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` (at once if it has happened already) when the listener overflows."""
+        self._listener.when_overflowed(callback)
 
     async def aclose(self) -> None:
         await self._entries.aclose()  # type: ignore[attr-defined]
@@ -163,31 +208,16 @@ class LiveHub:
                     for listener in list(channel.listeners):
                         listener.offer(entry)
 
-    @contextlib.asynccontextmanager
-    async def listen(
+    def listen(
         self, channel: ChannelRef, *, cursor: str | None = None, after_id: str | None = None
-    ) -> AsyncIterator[Subscription]:
-        """Entries of ``channel`` from the given start (see the module docstring).
+    ) -> contextlib.AbstractAsyncContextManager[Subscription]:
+        """Entries of ``channel`` from the given start (see the module docstring), as an async
+        context manager giving a `Subscription`.
 
         Raises `CursorExpired`, `InvalidInput` (a cursor of no tier) and `Overflowed` from the
         iteration; a failure to watch the channel from entering.
         """
-        feed = self._started()
-        listener = _Listener(self.limits.buffer)
-        entry = self._channels.get(channel)
-        if entry is None:
-            entry = _Channel(asyncio.create_task(feed.watch(channel)))
-            self._channels[channel] = entry
-        entry.listeners.add(listener)
-        try:
-            await asyncio.shield(entry.watching)
-            yield Subscription(
-                self._entries(channel, listener, cursor, after_id), listener.overflow
-            )
-        finally:
-            entry.listeners.discard(listener)
-            if not entry.listeners:
-                self._release(channel, entry)
+        return _Listening(self, channel, cursor, after_id)
 
     def _release(self, channel: ChannelRef, entry: _Channel) -> None:
         """Stop watching a channel nobody listens to, once its watch has settled."""
@@ -206,8 +236,10 @@ class LiveHub:
     ) -> AsyncIterator[LiveEntry]:
         # The channel is watched already: every write from here on reaches the listener, so the
         # backlog only has to be read until it is caught up once.
-        tail: deque[str] = deque(maxlen=self.limits.buffer)
+        last: str | None = None
+        replayed: Collection[str] = ()  # no set of its own on a socket that never replayed
         if cursor is not None or after_id is not None:
+            tail: deque[str] = deque(maxlen=self.limits.buffer)
             if cursor is None:
                 assert after_id is not None
                 if len(after_id) != ID_LENGTH or any(c not in PUSH_CHARS for c in after_id):
@@ -224,16 +256,63 @@ class LiveHub:
                 cursor = page.next_cursor
                 if page.caught_up:
                     break
+            # Live writes the backlog already gave come first (it reached past them); once the
+            # last one it gave comes live, all later ones are new. A bounded set: only writes
+            # that waited in the buffer while the backlog caught up can be in both.
+            last, replayed = (tail[-1] if tail else None), set(tail)
+            del tail
         listener.replaying = False
-        # Live writes the backlog already gave come first (it reached past them); once the last
-        # one it gave comes live, all later ones are new. A bounded set: only writes that waited
-        # in the buffer while the backlog caught up can be in both.
-        last, replayed = (tail[-1] if tail else None), set(tail)
-        tail.clear()
         while True:
             for entry in await listener.take():
                 if replayed and entry.cursor in replayed:
                     if entry.cursor == last:
-                        replayed = set()
+                        replayed = ()
                     continue
                 yield entry
+
+
+class _Listening:
+    """`LiveHub.listen`. A class rather than a generator-based context manager: every live
+    socket holds one while it is open, and this is one small object where that is a suspended
+    generator frame and its wrapper."""
+
+    __slots__ = ("_after_id", "_channel", "_cursor", "_entry", "_hub", "_listener")
+
+    def __init__(
+        self, hub: LiveHub, channel: ChannelRef, cursor: str | None, after_id: str | None
+    ) -> None:
+        self._hub = hub
+        self._channel = channel
+        self._cursor = cursor
+        self._after_id = after_id
+        self._entry: _Channel | None = None
+        self._listener: _Listener | None = None
+
+    async def __aenter__(self) -> Subscription:
+        hub, channel = self._hub, self._channel
+        feed = hub._started()
+        listener = self._listener = _Listener(hub.limits.buffer)
+        entry = hub._channels.get(channel)
+        if entry is None:
+            entry = _Channel(asyncio.create_task(feed.watch(channel)))
+            hub._channels[channel] = entry
+        self._entry = entry
+        entry.listeners.add(listener)
+        try:
+            await asyncio.shield(entry.watching)
+        except BaseException:
+            self._leave()
+            raise
+        return Subscription(hub._entries(channel, listener, self._cursor, self._after_id), listener)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._leave()
+
+    def _leave(self) -> None:
+        entry, listener = self._entry, self._listener
+        if entry is None or listener is None:
+            return
+        self._entry = self._listener = None
+        entry.listeners.discard(listener)
+        if not entry.listeners:
+            self._hub._release(self._channel, entry)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import sentry_sdk
 
@@ -49,6 +50,12 @@ _T = TypeVar("_T")
 # How long a saved send's mark waits to be cleared with others (the reconciler's grace period
 # is tens of seconds; this only gathers concurrent saves into one call).
 _CONFIRM_DELAY_S = 0.05
+
+
+@functools.lru_cache(maxsize=8)
+def _sends(outcome: str) -> Any:
+    """The sends counter of an outcome (prometheus_client looks a label up under a lock)."""
+    return metrics.SENDS.labels(outcome)
 
 
 @dataclass(frozen=True)
@@ -167,7 +174,7 @@ class MessageSender:
             outcome = "invalid"
             raise
         finally:
-            metrics.SENDS.labels(outcome).inc()
+            _sends(outcome).inc()
 
     async def _admit(
         self,
@@ -200,7 +207,12 @@ class MessageSender:
         """Step 1: deliver, or raise `SendFailed` with nothing else written."""
         started = time.perf_counter()
         try:
-            await self._bounded_realtime(self._realtime.write(channel, message))
+            await bounded(
+                self._realtime.write(channel, message),
+                self.limits.realtime_timeout_s,
+                "realtime tier",
+                coarse=True,
+            )
         except Exception as exc:
             raise SendFailed() from exc
         metrics.REALTIME_WRITE_SECONDS.observe(time.perf_counter() - started)
@@ -216,7 +228,10 @@ class MessageSender:
         started = time.perf_counter()
         try:
             await bounded(
-                self._store.save(write), self.limits.permanent_timeout_s, "permanent store"
+                self._store.save(write),
+                self.limits.permanent_timeout_s,
+                "permanent store",
+                coarse=True,
             )
         except Exception as exc:
             report_permanent_failure(write, exc)

@@ -229,6 +229,10 @@ class ServerSettings(_FromEnv):
     """Live sockets one user may hold on this process; more: closed with 1008."""
     ws_max_sockets: int = 10_000
     """Live sockets on this process; more: closed with 1008."""
+    ws_per_message_deflate: bool = False
+    """Compress socket frames (permessage-deflate) when the client offers it, as browsers do.
+    Off: the frames are small JSON, and each socket would hold its own zlib state (some 35 KB,
+    more than the rest of an idle socket) and compress every frame again for itself."""
     metrics_token: str | None = None
     """Serve `/metrics` on the main bind behind `Authorization: Bearer <this>` (16+
     characters); unset: `/metrics` only on `--metrics-host`, if given."""

@@ -6,6 +6,7 @@ same id names a record in both tiers.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from dualwrite.errors import InvalidInput, TextTooLong
@@ -21,6 +22,14 @@ _FIRESTORE_RESERVED_ID = re.compile(r"^__.*__$")
 def check_id(field: str, value: object) -> str:
     if not isinstance(value, str) or value == "":
         raise InvalidInput(field, "must be a non-empty string")
+    return _checked_id(field, value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _checked_id(field: str, value: str) -> str:
+    """A string id checked, remembered while it is among the last few thousand that passed
+    (every send checks the same workspace, channel and user ids again; a refusal raises and
+    is not remembered)."""
     _check_encodable(field, value)
     if len(value.encode("utf-8")) > MAX_ID_BYTES:
         raise InvalidInput(field, f"must be at most {MAX_ID_BYTES} bytes in UTF-8")

@@ -9,18 +9,23 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import prometheus_client
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from dualwrite.errors import BadSetting
 from dualwrite.runtime import open_dualwrite
@@ -106,7 +111,8 @@ def create_app(
         routes.append(Route("/metrics", metrics_behind_token(server_settings.metrics_token)))
     if server_settings.dev_sign_in:
         routes.append(Route("/api/dev/token", api.dev_token, methods=["POST"]))
-    app = Starlette(
+    app = _App(
+        HostPolicy(server_settings.host, server_settings.extra_hosts),
         routes=routes,
         lifespan=lifespan,
         # Outermost first: the Host check's refusals carry the security headers too.
@@ -119,6 +125,43 @@ def create_app(
     )
     app.state.server = state
     return app
+
+
+_LIVE_SOCKET = re.compile(r"/ws/workspaces/(?P<ws>[^/]+)/channels/(?P<ch>[^/]+)")
+"""The path of `sockets.live`, as the route matches it."""
+
+
+class _App(Starlette):
+    """The app, with live sockets taken ahead of the middleware stack.
+
+    A socket stays in its handler for as long as it is open, and so does every layer it came
+    through: through Starlette's stack (error and exception middleware, the Host check, the
+    router, the route, two exception wrappers) that is a dozen suspended frames and closures,
+    some 5 KB per socket, for nothing a socket uses after its handshake. A live socket whose
+    Host is allowed goes straight to `sockets.live`; anything else (a refused Host, another
+    path, a root path) takes the usual way.
+    """
+
+    def __init__(self, hosts: HostPolicy, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._hosts = hosts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and (params := self._live_socket(scope)) is not None:
+            scope["app"] = self
+            scope["path_params"] = params
+            await sockets.live(WebSocket(scope, receive, send))
+            return
+        await super().__call__(scope, receive, send)
+
+    def _live_socket(self, scope: Scope) -> dict[str, str] | None:
+        """The path parameters of a live socket this server takes, or None."""
+        if scope.get("root_path"):
+            return None
+        found = _LIVE_SOCKET.fullmatch(scope["path"])
+        if found is None or not self._hosts.allows(Headers(scope=scope).get("host")):
+            return None
+        return found.groupdict()
 
 
 def check_exposure(server_settings: ServerSettings) -> None:

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +49,24 @@ NoticeSink = Callable[[str], None]
 class _Watch:
     sockets: dict[NoticeSink, str] = field(default_factory=dict)
     """Each socket's sink, and the channel it watches."""
+    by_channel: dict[str, dict[NoticeSink, None]] = field(default_factory=dict)
+    """The same sinks by channel: a "saved" notice goes to its channel's sockets without a
+    pass over every socket of the workspace."""
     task: asyncio.Task[None] | None = None
+
+    def add(self, sink: NoticeSink, channel_id: str) -> None:
+        self.sockets[sink] = channel_id
+        self.by_channel.setdefault(channel_id, {})[sink] = None
+
+    def remove(self, sink: NoticeSink) -> None:
+        channel_id = self.sockets.pop(sink, None)
+        if channel_id is None:
+            return
+        sinks = self.by_channel.get(channel_id)
+        if sinks is not None:
+            sinks.pop(sink, None)
+            if not sinks:
+                del self.by_channel[channel_id]
 
 
 @dataclass(eq=False)
@@ -60,21 +77,26 @@ class NoticeRelay:
     dw: DualWrite
     _watches: dict[str, _Watch] = field(default_factory=dict)
 
-    @contextlib.asynccontextmanager
-    async def watching(
+    def watching(
         self, workspace_id: str, channel_id: str, sink: NoticeSink
-    ) -> AsyncIterator[None]:
+    ) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hand ``sink`` the notices its socket should get while the block runs."""
+        return _Watching(self, workspace_id, channel_id, sink)
+
+    def _add(self, workspace_id: str, channel_id: str, sink: NoticeSink) -> None:
         watch = self._watches.setdefault(workspace_id, _Watch())
-        watch.sockets[sink] = channel_id
+        watch.add(sink, channel_id)
         if watch.task is None:
             watch.task = asyncio.create_task(self._pump(workspace_id))
-        try:
-            yield
-        finally:
-            watch.sockets.pop(sink, None)
-            if not watch.sockets and watch.task is not None:
-                watch.task.cancel()
-                self._watches.pop(workspace_id, None)
+
+    def _remove(self, workspace_id: str, sink: NoticeSink) -> None:
+        watch = self._watches.get(workspace_id)
+        if watch is None:
+            return
+        watch.remove(sink)
+        if not watch.sockets and watch.task is not None:
+            watch.task.cancel()
+            self._watches.pop(workspace_id, None)
 
     def _deliver(self, workspace_id: str, event: LiveEvent) -> None:
         """A "saved" notice to the sockets of its channel, a "channel" one to the workspace's."""
@@ -82,9 +104,11 @@ class NoticeRelay:
         if watch is None:
             return
         frame = encode_notice(workspace_id, event)
-        for sink, channel_id in list(watch.sockets.items()):
-            if event.kind == "saved" and channel_id != event.channel_id:
-                continue
+        if event.kind == "saved":
+            sinks = list(watch.by_channel.get(event.channel_id, ()))
+        else:
+            sinks = list(watch.sockets)
+        for sink in sinks:
             sink(frame)
 
     async def _pump(self, workspace_id: str) -> None:
@@ -103,3 +127,23 @@ class NoticeRelay:
             except Exception as error:
                 outage.failed(error)
                 await asyncio.sleep(1)
+
+
+class _Watching:
+    """`NoticeRelay.watching`: a small object per socket, not a suspended generator."""
+
+    __slots__ = ("_channel_id", "_relay", "_sink", "_workspace_id")
+
+    def __init__(
+        self, relay: NoticeRelay, workspace_id: str, channel_id: str, sink: NoticeSink
+    ) -> None:
+        self._relay = relay
+        self._workspace_id = workspace_id
+        self._channel_id = channel_id
+        self._sink = sink
+
+    async def __aenter__(self) -> None:
+        self._relay._add(self._workspace_id, self._channel_id, self._sink)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._relay._remove(self._workspace_id, self._sink)

@@ -19,10 +19,13 @@ user a second, shared through the realtime tier (1008).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qsl
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -76,10 +79,9 @@ async def live(websocket: WebSocket) -> None:
         counts.done_waiting(address)
     try:
         channel = check_channel(websocket.path_params["ws"], websocket.path_params["ch"])
-        after = websocket.query_params.get("after") or None
+        after, cursor = _start(websocket)
         if after is not None:
             check_id("after", after)
-        cursor = websocket.query_params.get("cursor") or None
         if cursor is not None and (len(cursor) > 100 or not cursor.isascii()):
             raise InvalidInput("cursor", "is not a cursor")
     except InvalidInput as error:
@@ -97,8 +99,19 @@ async def live(websocket: WebSocket) -> None:
         return
     counts.join(user)
     metrics.WEBSOCKETS.inc()
+    # Deliver until the client leaves, falls behind, or its token expires (4401).
+    expiry = asyncio.timeout(
+        None if identity.expires_at is None else identity.expires_at - time.time()
+    )
+    del identity  # not needed while the socket is open
     try:
-        await _deliver_until_expiry(websocket, channel, cursor, after, identity)
+        try:
+            async with expiry:
+                await _deliver(websocket, channel, cursor, after)
+        except TimeoutError:
+            if not expiry.expired():
+                raise
+            await websocket.close(4401, reason="token expired: renew it and reconnect")
     except (WebSocketDisconnect, RuntimeError):
         pass
     finally:
@@ -106,50 +119,66 @@ async def live(websocket: WebSocket) -> None:
         counts.leave(user)
 
 
-async def _deliver_until_expiry(
-    websocket: WebSocket,
-    channel: ChannelRef,
-    cursor: str | None,
-    after: str | None,
-    identity: Identity,
-) -> None:
-    """Deliver until the client leaves, falls behind, or its token expires (4401)."""
-    delivery = asyncio.create_task(_deliver(websocket, channel, cursor, after))
-    remaining = None if identity.expires_at is None else identity.expires_at - time.time()
-    try:
-        done, _ = await asyncio.wait({delivery}, timeout=remaining)
-    finally:
-        if not delivery.done():
-            delivery.cancel()
-            await asyncio.gather(delivery, return_exceptions=True)
-    if delivery in done:
-        delivery.result()
-        return
-    await websocket.close(4401, reason="token expired: renew it and reconnect")
+class _Notices:
+    """A socket's notices (best effort): while some wait, one short task sends them; a socket
+    too slow for them drops those past `_NOTICES_WAITING` (history and the channel list say
+    the same). An idle socket holds no queue and no task for them."""
+
+    __slots__ = ("_send", "_task", "_waiting")
+
+    def __init__(self, send: Callable[[str], Awaitable[None]]) -> None:
+        self._send = send
+        self._waiting: collections.deque[str] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def take(self, frame: str) -> None:
+        if self._waiting is None:
+            self._waiting = collections.deque()
+        if len(self._waiting) >= _NOTICES_WAITING:
+            return
+        self._waiting.append(frame)
+        if self._task is None:
+            self._task = asyncio.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while self._waiting:
+                await self._send(self._waiting.popleft())
+        except Exception:
+            # The client left or the socket is closing: its reader and sender see to that.
+            self._waiting = None
+        finally:
+            self._task = None
+
+    async def close(self) -> None:
+        task = self._task
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 async def _deliver(
     websocket: WebSocket, channel: ChannelRef, cursor: str | None, after: str | None
 ) -> None:
-    """Forward frames until the client leaves, falls too far behind, or cannot resume."""
+    """Forward frames until the client leaves, falls too far behind, or cannot resume.
+
+    Per socket, while it is open: this coroutine, a task forwarding its messages and a task
+    reading what the client sends (so a close is noticed at once); notices and the overflow
+    need none of their own (thousands of sockets share a process).
+    """
     state = server_state(websocket)
     failure: BaseException | None = None
-    # Two producers share the socket: messages, and the workspace's notices (best effort: a
-    # socket too slow for them drops some; history and the channel list say the same).
-    notices: asyncio.Queue[str] = asyncio.Queue(_NOTICES_WAITING)
+    # Two producers share the socket: messages, and the workspace's notices.
     sending = asyncio.Lock()
-
-    def take_notice(frame: str) -> None:
-        with contextlib.suppress(asyncio.QueueFull):
-            notices.put_nowait(frame)
 
     async def send(frame: str) -> None:
         async with sending:
             await websocket.send_text(frame)
 
+    notices = _Notices(send)
     try:
         async with (
-            state.notices.watching(channel.workspace_id, channel.channel_id, take_notice),
+            state.notices.watching(channel.workspace_id, channel.channel_id, notices.take),
             state.dw.live.listen(channel, cursor=cursor, after_id=after) as subscription,
         ):
 
@@ -157,25 +186,37 @@ async def _deliver(
                 async for entry in subscription:
                     await send(encode(entry))
 
-            async def forward_notices() -> None:
-                while True:
-                    await send(await notices.get())
-
             sender = asyncio.create_task(forward())
             reader = asyncio.create_task(_drain_client(websocket))
-            # A client that stops reading blocks `send_text`: its overflow is watched apart.
-            stalled = asyncio.create_task(subscription.overflow.wait())
-            noticer = asyncio.create_task(forward_notices())
-            tasks = {sender, reader, stalled, noticer}
+            # Whichever ends first ends the socket (one future, not `asyncio.wait`'s set of
+            # callbacks: this waits as long as the socket is open).
+            ended = asyncio.get_running_loop().create_future()
+
+            def end(_: object) -> None:
+                if not ended.done():
+                    ended.set_result(None)
+
+            sender.add_done_callback(end)
+            reader.add_done_callback(end)
+            # A client that stops reading blocks `send_text`: the overflow stops the sender.
+            overflowed = False
+
+            def stop_sending() -> None:
+                nonlocal overflowed
+                overflowed = True
+                sender.cancel()
+
+            subscription.when_overflowed(stop_sending)
             try:
-                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                await ended
             finally:
                 # Also when cancelled (token expiry): no task may outlive the socket.
-                for task in tasks:
+                for task in (sender, reader):
                     task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-            failure = Overflowed() if stalled in done else None
-            if sender in done and failure is None:
+                await asyncio.gather(sender, reader, notices.close(), return_exceptions=True)
+            if overflowed:
+                failure = Overflowed()
+            elif sender.done() and not sender.cancelled():
                 failure = sender.exception()
     except Exception as error:  # the channel could not be watched (the tier is down)
         failure = error
@@ -198,10 +239,24 @@ async def _identify(websocket: WebSocket) -> Identity:
     state = server_state(websocket)
     try:
         async with asyncio.timeout(state.settings.ws_auth_timeout_s):
-            token = websocket.query_params.get("token") or await _first_frame_token(websocket)
+            token = _query(websocket).get("token") or await _first_frame_token(websocket)
             return await state.authenticator.identify(token)
     except TimeoutError:
         raise Unauthorized('send {"token": ...} as the first frame, at once') from None
+
+
+def _start(websocket: WebSocket) -> tuple[str | None, str | None]:
+    """`?after=` and `?cursor=`, or None."""
+    query = _query(websocket)
+    return query.get("after") or None, query.get("cursor") or None
+
+
+def _query(websocket: WebSocket) -> dict[str, str]:
+    """The query, parsed as `websocket.query_params` does, but not kept for the socket's
+    lifetime (it holds the token, and thousands of sockets share a process)."""
+    return dict(
+        parse_qsl(websocket.scope["query_string"].decode("latin-1"), keep_blank_values=True)
+    )
 
 
 async def _first_frame_token(websocket: WebSocket) -> str:

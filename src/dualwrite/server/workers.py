@@ -114,6 +114,8 @@ def server_config(app: Any, server: ServerSettings, **more: Any) -> Config:
     """uvicorn's config of the main bind, for one process or (with ``more``) for workers."""
     import uvicorn
 
+    from dualwrite.server.wsprotocol import LeanWebSocketProtocol
+
     return uvicorn.Config(
         app,
         host=server.host,
@@ -124,6 +126,9 @@ def server_config(app: Any, server: ServerSettings, **more: Any) -> Config:
         # Clients send one frame, their token; anything bigger is closed with 1009 before it
         # is read into memory.
         ws_max_size=server.ws_first_frame_bytes,
+        ws_per_message_deflate=server.ws_per_message_deflate,
+        # uvicorn's own sans-I/O protocol, holding less per open socket.
+        ws=LeanWebSocketProtocol,
         server_header=False,
         **more,
     )
