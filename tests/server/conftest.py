@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,3 +91,11 @@ def _api(
     with serving(app, port) as base, httpx.Client(base_url=base, timeout=10) as client:
         ws_base = base.replace("http://", "ws://")
         yield Api(client, ws_base, realtime_faults, store_faults, TokenSigner(SECRET, config))
+
+
+def next_message(ws: Any, timeout_s: float = 10) -> dict[str, Any]:
+    """The socket's next message frame, past notices ("saved", a channel's first use)."""
+    while True:
+        frame: dict[str, Any] = json.loads(ws.recv(timeout_s))
+        if frame.get("type") == "message":
+            return frame

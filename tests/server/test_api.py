@@ -12,7 +12,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from dualwrite.model import history_cursor
-from tests.server.conftest import METRICS_TOKEN, SECRET, Api
+from tests.server.conftest import METRICS_TOKEN, SECRET, Api, next_message
 
 MESSAGES = "/api/workspaces/acme/channels/general/messages"
 
@@ -184,7 +184,7 @@ def test_websocket_delivers_live_and_replays_after_the_last_id(api: Api) -> None
     with connect(url) as ws:
         time.sleep(0.1)
         sent = api.client.post(MESSAGES, headers=api.auth(), json={"text": "live"}).json()
-        frame = json.loads(ws.recv(5))
+        frame = next_message(ws, 5)
         assert frame["messageId"] == sent["messageId"]
         assert (frame["type"], frame["text"], frame["userName"]) == ("message", "live", "Ada")
         assert frame["ttl"] == frame["timestamp"] + 3_600_000
@@ -193,7 +193,7 @@ def test_websocket_delivers_live_and_replays_after_the_last_id(api: Api) -> None
         for i in range(3)
     ]
     with connect(f"{url}&after={sent['messageId']}") as ws:
-        got = [json.loads(ws.recv(5))["messageId"] for _ in missed]
+        got = [next_message(ws, 5)["messageId"] for _ in missed]
         assert got == [m["messageId"] for m in missed]
 
 
@@ -202,7 +202,7 @@ def test_websocket_token_may_come_in_the_first_frame(api: Api) -> None:
         ws.send(json.dumps({"token": api.token()}))
         time.sleep(0.1)
         sent = api.client.post(MESSAGES, headers=api.auth(), json={"text": "hi"}).json()
-        assert json.loads(ws.recv(5))["messageId"] == sent["messageId"]
+        assert next_message(ws, 5)["messageId"] == sent["messageId"]
 
 
 def test_dev_sign_in_mints_a_working_token(api: Api) -> None:

@@ -3,19 +3,18 @@ single node or a cluster)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from websockets.sync.client import connect
 
 from tests.conftest import realtime_url, store_url, unique
+from tests.server.conftest import next_message
 from tests.support.servers import TOKEN_SECRET, serve_process
 
 
@@ -65,14 +64,6 @@ def test_dev_sign_in_is_off_when_a_secret_is_configured(tmp_path: Path) -> None:
             f"{base}/api/dev/token", json={"userId": "u", "userName": "U", "workspaceId": "w"}
         )
         assert minted.status_code in (404, 405)
-
-
-def next_message(ws: Any) -> dict[str, Any]:
-    """The next message frame, past notices ("saved", a channel's first use): not this test's."""
-    while True:
-        frame: dict[str, Any] = json.loads(ws.recv(10))
-        if frame.get("type") == "message":
-            return frame
 
 
 @pytest.mark.postgres

@@ -24,6 +24,7 @@ from dualwrite.server.auth import Identity, TokenSigner
 from dualwrite.settings import ServerSettings
 from dualwrite.tools.serve_process import free_port
 from tests.conftest import realtime_url, unique
+from tests.server.conftest import next_message
 from tests.support.sentry import fake_sentry
 from tests.support.servers import TOKEN_SECRET, serve_process
 
@@ -231,7 +232,7 @@ def test_6_sockets_are_capped_per_user_and_per_process(tmp_path: Path) -> None:
             assert close_code(over) == 1008
         sent = httpx.post(server.messages, headers=auth(), json={"text": "to all"}).json()
         for ws in held:
-            assert json.loads(ws.recv(10))["messageId"] == sent["messageId"]
+            assert next_message(ws)["messageId"] == sent["messageId"]
 
 
 # 7. History costs the server more than the asker.
@@ -372,7 +373,7 @@ def test_16_sockets_waiting_for_their_token_are_capped(tmp_path: Path, cap: str)
             assert refused.value.response.status_code == 403
         with live_socket(server) as ws:
             sent = httpx.post(server.messages, headers=auth(), json={"text": "hi"}).json()
-            assert json.loads(ws.recv(10))["messageId"] == sent["messageId"]
+            assert next_message(ws)["messageId"] == sent["messageId"]
 
 
 # 12. Token lifetime, iss/aud, sockets outliving their token, renewal.
