@@ -607,24 +607,26 @@ class RedisRealtimeTier:
             self._unconfirmed_channels, "-inf", sent_until_ms, start=0, num=_CHANNELS_PER_ROUND
         )
         channels = [_channel(name) for name in names]
-        counts: list[int] = []
-        for first in range(0, len(channels), 1000):
-            async with self._r.pipeline(transaction=False) as pipe:
-                for channel in channels[first : first + 1000]:
-                    pipe.zcount(self._key(channel, "unconfirmed"), "-inf", sent_until_ms)
-                counts += [int(n) for n in await pipe.execute()]
+        oldest = await self._oldest_marks(channels)
+        due = [o is not None and o <= sent_until_ms for o in oldest]
         # A channel listed with no mark that old is put back at its oldest mark (or dropped):
         # the next round does not visit it again before that mark is due.
-        await self._settle([c for c, n in zip(channels, counts, strict=True) if not n])
-        return [c for c, n in zip(channels, counts, strict=True) if n]
+        await self._settle(
+            [c for c, d in zip(channels, due, strict=True) if not d],
+            [o for o, d in zip(oldest, due, strict=True) if not d],
+        )
+        return [c for c, d in zip(channels, due, strict=True) if d]
 
-    async def _settle(self, channels: Sequence[ChannelRef]) -> None:
-        """List ``channels`` at their oldest mark, or take them off the list if they hold none.
-        Shielded: a caller whose bound runs out leaves it to finish, never half done."""
+    async def _settle(self, channels: Sequence[ChannelRef], oldest: Sequence[int | None]) -> None:
+        """List ``channels`` at their oldest mark (``oldest``, as just read; None: no mark),
+        or take them off the list if they hold none. Shielded: a caller whose bound runs out
+        leaves it to finish, never half done."""
         if channels:
-            await asyncio.shield(self._settle_now(channels))
+            await asyncio.shield(self._settle_now(channels, oldest))
 
-    async def _settle_now(self, channels: Sequence[ChannelRef]) -> None:
+    async def _settle_now(
+        self, channels: Sequence[ChannelRef], oldest: Sequence[int | None]
+    ) -> None:
         """Channels with marks are listed again in place, never removed. For those without:
         (A) read each one's generation and writes in flight; one with a write in flight is
         left listed; (C) check its marks again; (D) take it off the list only if its
@@ -646,7 +648,6 @@ class RedisRealtimeTier:
         first listing (far past any timeout) and then dies before its second listing can see
         its mark reconciled up to `_DEFER_MS` late; one whose script lands later than the TTL
         leaves a mark nobody visits (its record has expired by then)."""
-        oldest = await self._oldest_marks(channels)
         marked = {_name(c): o for c, o in zip(channels, oldest, strict=True) if o is not None}
         empty = [c for c, o in zip(channels, oldest, strict=True) if o is None]
         if marked:
@@ -710,9 +711,8 @@ class RedisRealtimeTier:
                 pipe.zrem(self._key(channel, "unconfirmed"), *message_ids)
                 pipe.zcard(self._key(channel, "unconfirmed"))
             replies = await pipe.execute()
-        await self._settle(
-            [c for (c, _), left in zip(items, replies[1::2], strict=True) if not left]
-        )
+        emptied = [c for (c, _), left in zip(items, replies[1::2], strict=True) if not left]
+        await self._settle(emptied, [None] * len(emptied))
 
     async def read_after(self, channel: ChannelRef, cursor: str | None, limit: int) -> ReplayPage:
         if cursor is not None and (
