@@ -492,21 +492,14 @@ async def run_library(
         task.cancel()
     await asyncio.gather(*listeners, return_exceptions=True)
     cpu_after, peak = own_usage()
-    return BenchReport(
+    return _channel_sends_report(
         "library",
-        dw.settings.realtime_url,
-        dw.settings.store_url,
-        messages,
-        concurrency,
-        channels,
-        elapsed,
-        latencies,
-        [(arrived[i] - started_at[i]) * 1000 for i in arrived if i in started_at],
-        outcomes,
+        (dw.settings.realtime_url, dw.settings.store_url),
+        (messages, concurrency, channels, rate),
+        (elapsed, latencies, outcomes, started_at),
+        arrived,
         cpu_after - cpu_before,
         peak,
-        rate=rate,
-        channels=channels,
     )
 
 
@@ -787,10 +780,34 @@ async def run_raw_batched(
         )
         await asyncio.sleep(0.2)  # the last deliveries
         cpu_after, peak = own_usage()
-    return BenchReport(
+    return _channel_sends_report(
         "raw-batched",
-        realtime_url,
-        store_url,
+        (realtime_url, store_url),
+        (messages, concurrency, channels, rate),
+        (elapsed, latencies, outcomes, started_at),
+        arrived,
+        cpu_after - cpu_before,
+        peak,
+    )
+
+
+def _channel_sends_report(
+    target: str,
+    urls: tuple[str, str],
+    load: tuple[int, int, int, float | None],
+    driven: tuple[float, list[float], Counter[str], dict[int, float]],
+    arrived: dict[int, float],
+    cpu_s: float,
+    peak_rss_mb: float,
+) -> BenchReport:
+    """The report of a run that sent over ``channels`` with one in-process listener each
+    (the library target and its batched baseline): ``driven`` is what `drive` returned,
+    ``arrived`` when each message reached its listener."""
+    messages, concurrency, channels, rate = load
+    elapsed, latencies, outcomes, started_at = driven
+    return BenchReport(
+        target,
+        *urls,
         messages,
         concurrency,
         channels,
@@ -798,8 +815,8 @@ async def run_raw_batched(
         latencies,
         [(arrived[i] - started_at[i]) * 1000 for i in arrived if i in started_at],
         outcomes,
-        cpu_after - cpu_before,
-        peak,
+        cpu_s,
+        peak_rss_mb,
         rate=rate,
         channels=channels,
     )
