@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -359,6 +360,44 @@ def test_11_16_hostile_input_gets_4xx_or_a_close_without_traceback(tmp_path: Pat
             assert httpx.get(server.messages, headers=auth(), params=params).status_code == 422
         output = server.output()
     assert "Traceback" not in output and "Exception in ASGI application" not in output
+
+
+def test_16_a_refused_frame_is_answered_with_1009_and_a_sender_that_keeps_going_is_cut_off(
+    tmp_path: Path,
+) -> None:
+    """The close frame reaches a client still sending (no reset that discards it), and a
+    client that never stops sending is disconnected within seconds."""
+    with served(tmp_path) as server:
+        host, port = server.base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            raw.sendall(
+                f"GET /ws{CHANNEL} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+            )
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += raw.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 101")
+            # A masked text frame announcing 16 MiB, then a trickle that never ends.
+            raw.sendall(b"\x81\xff" + (16 << 20).to_bytes(8, "big") + b"mask")
+            raw.setblocking(False)
+            received, closed_by_server, started = b"", False, time.monotonic()
+            while time.monotonic() - started < 15:
+                try:
+                    chunk = raw.recv(4096)
+                except BlockingIOError:
+                    chunk = None
+                if chunk == b"":
+                    closed_by_server = True
+                    break
+                received += chunk or b""
+                with contextlib.suppress(BlockingIOError, BrokenPipeError, ConnectionResetError):
+                    raw.send(b"x" * 1024)
+                time.sleep(0.05)
+    assert received[0] == 0x88, "the first frame is a close"
+    assert int.from_bytes(received[2:4], "big") == 1009
+    assert closed_by_server, "a client that kept sending still held its socket after 15 s"
 
 
 @pytest.mark.parametrize(
