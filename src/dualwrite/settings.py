@@ -112,8 +112,11 @@ class Settings(_FromEnv):
     live_replay_window_s: float = 60.0
     """A resume by message id (and any resume on Firebase, whose ids follow creation order,
     not write order) replays this much before its point; clients drop ids they have."""
-    live_streams_per_read: int = 1000
-    """Channels one live reader follows per blocking read (Redis: streams per XREAD)."""
+    live_streams_per_read: int = 100
+    """Channels one live reader follows per blocking read (Redis: streams per XREAD, on a
+    connection of its own). Each message read costs in proportion to this (a blocking XREAD
+    names every stream again): 1,000 cost a busy process a quarter of its CPU at 1,000
+    channels; 100 keep it small, for one reader connection per 100 watched channels."""
     fault_realtime: float = 0.0
     """Development only: the probability that a realtime call fails on purpose."""
     fault_permanent: float = 0.0
@@ -233,6 +236,10 @@ class ServerSettings(_FromEnv):
     """Compress socket frames (permessage-deflate) when the client offers it, as browsers do.
     Off: the frames are small JSON, and each socket would hold its own zlib state (some 35 KB,
     more than the rest of an idle socket) and compress every frame again for itself."""
+    gc_thaw_s: float = 3600.0
+    """The survivors of each full garbage collection are frozen (later full collections skip
+    them: short pauses with thousands of sockets) and unfrozen this often, so that cycles among
+    them are freed; 0: CPython's collector unchanged (`dualwrite.server.collector`)."""
     metrics_token: str | None = None
     """Serve `/metrics` on the main bind behind `Authorization: Bearer <this>` (16+
     characters); unset: `/metrics` only on `--metrics-host`, if given."""
@@ -257,6 +264,8 @@ class ServerSettings(_FromEnv):
             rate = getattr(self, name)
             if not (math.isfinite(rate) and 0 <= rate <= 1e12):
                 raise BadSetting(f"{self.env_name(name)} must be 0 (off) or a rate")
+        if not (math.isfinite(self.gc_thaw_s) and self.gc_thaw_s >= 0):
+            raise BadSetting(f"{self.env_name('gc_thaw_s')} must be 0 (off) or seconds")
         self._positive(
             "token_max_lifetime_s",
             "rate_limit_skip_s",

@@ -520,17 +520,18 @@ async def test_settling_leaves_a_channel_listed_by_a_write_that_began_during_it(
     async def oldest_marks(channels: Any) -> Any:
         nonlocal calls
         calls += 1
-        if calls == 1:  # the check made after reading the generation (a confirm that
-            # emptied the channel knows it has no marks: this is its only read of them)
+        if calls == 2:  # the round's check made after reading the generation (its first
+            # read of the marks found none: the confirm below cleared the only one)
             await tier._in_order(lambda pipe: tier._register(pipe, [(channel, w)]))
         return await original(channels)
 
+    await realtime.confirm(channel, [other.message_id])
     tier._oldest_marks = oldest_marks
     try:
-        await realtime.confirm(channel, [other.message_id])
+        assert channel not in await realtime.unconfirmed_channels(clock.now_ms())
     finally:
         del tier._oldest_marks
-    assert calls == 1
+    assert calls == 2
     await tier._write_script(**tier._script_call(channel, w))
     assert channel in await realtime.unconfirmed_channels(clock.now_ms())
     assert await realtime.unconfirmed(channel, None, clock.now_ms(), 10) == [w]

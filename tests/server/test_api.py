@@ -163,6 +163,17 @@ def test_forged_expired_or_unsigned_tokens_get_401(api: Api, token: str) -> None
     assert history(api) == []
 
 
+def test_a_token_that_worked_is_refused_once_it_expires(api: Api) -> None:
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": "u1", "name": "Ada", "workspaceId": "acme"}
+    claims |= {"iss": "dualwrite", "aud": "dualwrite", "iat": now, "exp": now + 2}
+    headers = {"authorization": f"Bearer {jwt.encode(claims, SECRET, algorithm='HS256')}"}
+    assert api.client.post(MESSAGES, headers=headers, json={"text": "x"}).status_code == 201
+    time.sleep(2.2)
+    assert api.client.post(MESSAGES, headers=headers, json={"text": "y"}).status_code == 401
+    assert [m["text"] for m in history(api)] == ["x"]
+
+
 def test_missing_token_gets_401(api: Api) -> None:
     assert api.client.post(MESSAGES, json={"text": "x"}).status_code == 401
     assert api.client.get("/api/queue").status_code == 401

@@ -36,6 +36,7 @@ from dualwrite.server.auth import (
     TokenSigner,
     auth_emulator_host,
 )
+from dualwrite.server.collector import short_full_collections
 from dualwrite.server.openapi import OPENAPI
 from dualwrite.server.ratelimit import RateLimits
 from dualwrite.server.security import HostCheck, HostPolicy, SecurityHeaders, is_loopback
@@ -87,7 +88,10 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with opener() as runtime:
+        async with (
+            opener() as runtime,
+            short_full_collections(server_settings.gc_thaw_s),
+        ):
             state.started(runtime)
             yield
 
