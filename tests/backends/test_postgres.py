@@ -464,3 +464,25 @@ async def test_calls_through_a_proxy_that_stops_forwarding_fail_within_their_bou
         closing_s = time.monotonic() - started
         await proxy.close()
     assert closing_s < 2
+
+
+async def test_a_call_on_a_connection_lost_since_it_last_answered_runs_on_another() -> None:
+    # A restarted server (or a proxy that dropped the connection) leaves pooled connections
+    # lost; one that answered a moment ago is handed out without a check.
+    store = await open_store(server_url())
+    try:
+        channel = ChannelRef(unique("ws"), unique("ch"))
+        first, second = one_batch(channel)[:2]
+        await store.save_many([first])
+        with psycopg.connect(server_url(), autocommit=True) as admin:
+            ended = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE pid <> pg_backend_pid() AND query LIKE %s",
+                (f"%{store._schema_name}%",),
+            ).fetchone()
+        assert ended is not None and ended[0] >= 1
+        await store.save_many([second])
+        saved = await store.get_many(channel, [first.message_id, second.message_id])
+        assert sorted(saved) == sorted([first.message_id, second.message_id])
+    finally:
+        await store.close()

@@ -504,6 +504,31 @@ async def test_a_confirm_racing_a_write_between_its_listings_leaves_its_channel_
     assert await score() is None
 
 
+async def test_a_channel_its_confirms_leave_without_marks_leaves_the_list_soon(
+    realtime: RealtimeTier, realtime_kind: str, clock: ManualClock, ids: PushIdGenerator
+) -> None:
+    # Without a reconcile round: the list stays as short as the channels holding marks.
+    tier = _redis_internals(realtime, realtime_kind)
+    raw: Any = tier._r
+    channels = [ChannelRef(unique("ws"), f"c{i}") for i in range(3)]
+    messages = [make_message(clock, ids, f"m{i}") for i in range(3)]
+    for channel, message in zip(channels, messages, strict=True):
+        await realtime.write(channel, message)
+
+    async def listed(channel: ChannelRef) -> bool:
+        name = f"{channel.workspace_id}/{channel.channel_id}"
+        return await raw.zscore(tier._unconfirmed_channels, name) is not None
+
+    assert all([await listed(c) for c in channels])
+    for channel, message in zip(channels[:2], messages[:2], strict=True):
+        await realtime.confirm(channel, [message.message_id])
+    for _ in range(50):
+        if not await listed(channels[0]) and not await listed(channels[1]):
+            break
+        await asyncio.sleep(0.1)
+    assert [await listed(c) for c in channels] == [False, False, True]
+
+
 async def test_settling_leaves_a_channel_listed_by_a_write_that_began_during_it(
     realtime: RealtimeTier, realtime_kind: str, clock: ManualClock, ids: PushIdGenerator
 ) -> None:

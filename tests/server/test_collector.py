@@ -1,5 +1,6 @@
 """`short_full_collections`: what survives a full collection is frozen (later full
-collections skip it), thawed on schedule, and garbage made meanwhile is still collected."""
+collections skip it) and thawed on schedule or once it has grown by a quarter, and garbage
+made meanwhile is still collected."""
 
 from __future__ import annotations
 
@@ -21,12 +22,8 @@ def _cycle() -> weakref.ref[_Node]:
     return weakref.ref(a)
 
 
-async def test_survivors_of_a_full_collection_are_frozen_until_the_thaw() -> None:
-    async with short_full_collections(0.3):
-        gc.collect()
-        assert gc.get_freeze_count() > 0
-        await asyncio.sleep(0.5)
-        assert gc.get_freeze_count() == 0
+async def test_survivors_of_a_full_collection_are_frozen_while_the_block_runs() -> None:
+    async with short_full_collections(3600):
         gc.collect()
         assert gc.get_freeze_count() > 0
     assert gc.get_freeze_count() == 0, "left frozen after the block"
@@ -61,3 +58,21 @@ async def test_zero_leaves_the_collector_as_it_is() -> None:
     async with short_full_collections(0):
         gc.collect()
         assert gc.get_freeze_count() == 0
+
+
+async def test_frozen_cycles_are_freed_once_the_frozen_objects_grow_by_a_quarter() -> None:
+    async with short_full_collections(3600):
+        gc.collect()  # the first full collection thaws once, as at a process's start
+        await asyncio.sleep(1.5)
+        kept = [_Node()]
+        kept[0].other = kept[0]
+        survivor = weakref.ref(kept[0])
+        gc.collect()  # survives, frozen
+        kept.clear()
+        gc.collect()
+        assert survivor() is not None, "a frozen cycle waits for the thaw"
+        ballast: list[list[int]] = [[] for _ in range(gc.get_freeze_count() // 3)]
+        gc.collect()
+        await asyncio.sleep(1.5)
+        assert survivor() is None, "not thawed after growing by a third"
+        del ballast

@@ -400,6 +400,23 @@ def test_16_a_refused_frame_is_answered_with_1009_and_a_sender_that_keeps_going_
     assert closed_by_server, "a client that kept sending still held its socket after 15 s"
 
 
+def test_16_an_endless_header_is_cut_off_not_buffered(tmp_path: Path) -> None:
+    with served(tmp_path) as server:
+        host, port = server.base.removeprefix("http://").split(":")
+        sent, answer = 0, b""
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            raw.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}:{port}\r\nX-Big: ".encode())
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                while sent < 64 * 1024 * 1024:
+                    raw.sendall(b"a" * 65536)
+                    sent += 65536
+            with contextlib.suppress(ConnectionResetError):
+                answer = raw.recv(4096)
+        assert sent < 16 * 1024 * 1024, f"{sent:,} bytes of one header were taken in"
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer[:100]
+        assert httpx.get(server.base + "/healthz").status_code == 200
+
+
 @pytest.mark.parametrize(
     "cap", ["DUALWRITE_WS_MAX_UNAUTHENTICATED", "DUALWRITE_WS_MAX_UNAUTHENTICATED_PER_ADDRESS"]
 )

@@ -126,6 +126,10 @@ def server_config(app: Any, server: ServerSettings, **more: Any) -> Config:
         # Clients send one frame, their token; anything bigger is closed with 1009 before it
         # is read into memory.
         ws_max_size=server.ws_first_frame_bytes,
+        # h11 even where httptools is installed (uvicorn would take it): uvicorn bounds what
+        # h11 buffers of an unfinished request (16 KB), and nothing bounds httptools' headers
+        # (one client sending 100 MB of header stalled the process and took 300 MB).
+        http="h11",
         ws_per_message_deflate=server.ws_per_message_deflate,
         # uvicorn's own sans-I/O protocol, holding less per open socket.
         ws=LeanWebSocketProtocol,

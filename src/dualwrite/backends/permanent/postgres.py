@@ -109,6 +109,10 @@ _FROM_MS = "(timestamptz 'epoch' + %s * interval '1 millisecond')"
 
 _KEEPALIVE_PROBES = 3
 _ANSWERED_RECENTLY_S = 1.0
+_POOL_SIZE = 10
+_ATTEMPTS_ON_LOST_CONNECTION = _POOL_SIZE + 1
+"""A call that finds its connection lost runs again on another, up to this many times in all
+(a restarted server leaves every pooled connection lost)."""
 """A pooled connection that answered a query this recently is handed out without a check."""
 
 
@@ -173,7 +177,7 @@ class PostgresPermanentStore:
         return AsyncConnectionPool(
             self._conninfo,
             min_size=1,
-            max_size=10,
+            max_size=_POOL_SIZE,
             open=False,
             timeout=self._timeout_s,
             # psycopg_pool retries a failed connect with a backoff doubling up to this; past it,
@@ -296,16 +300,26 @@ class PostgresPermanentStore:
             raise
 
     async def _on_connection(self, work: Callable[[Connection], Awaitable[_T]]) -> _T:
-        async with self._p.connection() as conn:
-            done = await work(conn)
-            self._answered_at[conn] = time.monotonic()
-            return done
+        for attempt in range(_ATTEMPTS_ON_LOST_CONNECTION):
+            async with self._p.connection() as conn:
+                try:
+                    done = await work(conn)
+                except psycopg.OperationalError:
+                    # Lost since it last answered (the server restarted, a proxy dropped it):
+                    # the pool drops it, and the work runs again on another. Every work here
+                    # may run twice: inserts are ON CONFLICT DO NOTHING, the rest reads.
+                    if conn.broken and attempt + 1 < _ATTEMPTS_ON_LOST_CONNECTION:
+                        continue
+                    raise
+                self._answered_at[conn] = time.monotonic()
+                return done
+        raise AssertionError("unreachable")
 
     async def _check(self, conn: Connection) -> None:
         """The pool's check before it hands a connection out: a round trip of its own, so
         skipped for a connection that answered moments ago (under load, every checkout's ping
-        doubled the round trips and cost a tenth of a `serve` process's CPU). An outage that
-        breaks a connection in that moment fails one call, as it would after the check."""
+        doubled the round trips and cost a tenth of a `serve` process's CPU). A connection
+        lost in that moment is found out by the call, which runs again on another."""
         answered = self._answered_at.get(conn)
         if answered is not None and time.monotonic() - answered < _ANSWERED_RECENTLY_S:
             return

@@ -237,6 +237,8 @@ _EVENTS_KEPT = 1000
 _PER_STREAM = 500
 """Entries one XREAD takes from each stream."""
 _STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
+_SETTLE_AFTER_S = 1.0
+"""Channels a confirm left without marks are taken off the unconfirmed list this soon after."""
 _POLL_S = 1.0
 """Cluster: every watched stream is read this often, whatever the wake-ups said."""
 _IDLE_S = 5.0
@@ -271,6 +273,9 @@ class RedisRealtimeTier:
         # Cluster: a batch per primary, so that a batch fails with its node and only then
         # (a write to a node being failed over does not take writes to the others with it).
         self._writes_to: dict[str, Coalescer[tuple[ChannelRef, RealtimeMessage]]] = {}
+        # Channels whose marks a confirm cleared, taken off the list by `_settle_emptied`.
+        self._emptied: set[ChannelRef] = set()
+        self._settling: asyncio.Task[None] | None = None
         # Every saved send clears its mark: concurrent ones share one pipeline.
         self._confirms: Coalescer[tuple[ChannelRef, tuple[str, ...]]] = Coalescer(
             self._confirm_many, self._confirm_one, max_batch=256, max_in_flight=8
@@ -315,6 +320,9 @@ class RedisRealtimeTier:
             ) from exc
 
     async def close(self) -> None:
+        if self._settling is not None:
+            self._settling.cancel()
+            await asyncio.gather(self._settling, return_exceptions=True)
         if self._redis is not None:
             await self._redis.aclose()
         self._redis = None
@@ -706,13 +714,27 @@ class RedisRealtimeTier:
         await self._confirm_many([item])
 
     async def _confirm_many(self, items: Sequence[tuple[ChannelRef, tuple[str, ...]]]) -> None:
-        # The channel stays listed: the next reconcile round finds it without marks and takes
-        # it off, with every other such channel in one batch. Taking it off here cost each send
-        # three more round trips (`_settle_now`), the busiest part of a send at low concurrency.
         async with self._r.pipeline(transaction=False) as pipe:
             for channel, message_ids in items:
                 pipe.zrem(self._key(channel, "unconfirmed"), *message_ids)
-            await pipe.execute()
+                pipe.zcard(self._key(channel, "unconfirmed"))
+            replies = await pipe.execute()
+        # Channels left without marks are taken off the list together, within a second:
+        # settling each at its confirm cost every send three more round trips, and leaving
+        # them all to the reconcile round let the list outgrow what a round takes.
+        self._emptied.update(
+            c for (c, _), left in zip(items, replies[1::2], strict=True) if not left
+        )
+        if self._emptied and (self._settling is None or self._settling.done()):
+            self._settling = asyncio.create_task(self._settle_emptied())
+
+    async def _settle_emptied(self) -> None:
+        await asyncio.sleep(_SETTLE_AFTER_S)
+        channels, self._emptied = list(self._emptied), set()
+        try:
+            await asyncio.wait_for(self._settle(channels, [None] * len(channels)), self.timeout_s)
+        except Exception as error:  # the reconcile round settles them instead
+            log.debug("settling %d channels without marks failed: %r", len(channels), error)
 
     async def read_after(self, channel: ChannelRef, cursor: str | None, limit: int) -> ReplayPage:
         if cursor is not None and (
