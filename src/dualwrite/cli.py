@@ -273,6 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="repeat the measurement N times and report each figure's median",
     )
+    bench.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each run, wait up to this long for the 1-minute load average to fall "
+        "to 0.5 (a run's own load takes a minute or two to fade)",
+    )
     bench.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     _backend_flags(bench)
     return parser
@@ -750,6 +758,8 @@ async def _bench(args: argparse.Namespace) -> int:
         )
     if args.runs < 1:
         raise BadSetting("--runs must be 1 or more")
+    if not (math.isfinite(args.quiet_wait) and args.quiet_wait >= 0):
+        raise BadSetting("--quiet-wait must be 0 or more seconds")
     if args.rate is not None and not (args.rate > 0 and math.isfinite(args.rate)):
         raise BadSetting("--rate must be a number of sends a second above 0")
     # Every socket of the http target is a file descriptor here and in the server (which
@@ -763,6 +773,7 @@ async def _bench(args: argparse.Namespace) -> int:
     runs: list[dict[str, Any]] = []
     for number in range(1, args.runs + 1):
         label = f" before run {number} of {args.runs}" if args.runs > 1 else ""
+        await bench.wait_for_quiet(args.quiet_wait, sys.stdout)
         load = bench.announce_load(sys.stdout, sys.stderr, label)
         with tempfile.TemporaryDirectory(prefix="dualwrite-bench-") as scratch:
             outcome = await _bench_once(args, bench, scratch)
