@@ -178,6 +178,8 @@ def filled(command: str, setup: Setup) -> list[str]:
         "--pages": "2",
         "--messages": "20",
         "--concurrency": "2",
+        "--runs": "1",
+        "--quiet-wait": "0",
         "--json": str(setup.workdir / "bench.json"),
     }
     args = command.split()
