@@ -11,7 +11,6 @@ import asyncio
 import logging
 import math
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -108,12 +107,10 @@ _FROM_MS = "(timestamptz 'epoch' + %s * interval '1 millisecond')"
 
 
 _KEEPALIVE_PROBES = 3
-_ANSWERED_RECENTLY_S = 1.0
 _POOL_SIZE = 10
 _ATTEMPTS_ON_LOST_CONNECTION = _POOL_SIZE + 1
 """A call that finds its connection lost runs again on another, up to this many times in all
 (a restarted server leaves every pooled connection lost)."""
-"""A pooled connection that answered a query this recently is handed out without a check."""
 
 
 def tcp_settings(timeout_s: float) -> dict[str, int]:
@@ -158,9 +155,6 @@ class PostgresPermanentStore:
         self._pool: AsyncConnectionPool[Connection] | None = None
         self._schema_ready = False
         self._left_behind: set[asyncio.Task[Any]] = set()
-        self._answered_at: weakref.WeakKeyDictionary[Connection, float] = (
-            weakref.WeakKeyDictionary()
-        )
         self._down: DatabaseUnreachable | None = None
         self._down_until = 0.0
 
@@ -184,10 +178,10 @@ class PostgresPermanentStore:
             # the next call that waits starts afresh. Its default (300 s) let a database that
             # was back go unused for up to two minutes; this keeps the gap to a few seconds.
             reconnect_timeout=max(2.0, 2 * self._timeout_s),
-            # A connection broken by an outage is replaced before use, not handed to a write.
-            # (`timeout` bounds the wait for a free connection, not this check: a check on a
-            # connection nobody answers ends with the caller's bound or the TCP settings.)
-            check=self._check,
+            # No check before a connection is handed out: a call that finds its connection
+            # lost runs again on another (`_on_connection`). The pool's check cost a round trip
+            # per call, and after a restart it waited 1, 2, 4 s between the lost connections it
+            # found, past the call's bound (the send then answered "pending").
             kwargs={
                 "autocommit": True,
                 "connect_timeout": max(1, int(self._timeout_s)),
@@ -311,19 +305,8 @@ class PostgresPermanentStore:
                     if conn.broken and attempt + 1 < _ATTEMPTS_ON_LOST_CONNECTION:
                         continue
                     raise
-                self._answered_at[conn] = time.monotonic()
                 return done
         raise AssertionError("unreachable")
-
-    async def _check(self, conn: Connection) -> None:
-        """The pool's check before it hands a connection out: a round trip of its own, so
-        skipped for a connection that answered moments ago (under load, every checkout's ping
-        doubled the round trips and cost a tenth of a `serve` process's CPU). A connection
-        lost in that moment is found out by the call, which runs again on another."""
-        answered = self._answered_at.get(conn)
-        if answered is not None and time.monotonic() - answered < _ANSWERED_RECENTLY_S:
-            return
-        await AsyncConnectionPool.check_connection(conn)
 
     def _forget(self, task: asyncio.Task[Any]) -> None:
         self._left_behind.discard(task)
