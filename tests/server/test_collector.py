@@ -22,6 +22,18 @@ def _cycle() -> weakref.ref[_Node]:
     return weakref.ref(a)
 
 
+def _frozen_garbage_cycle() -> weakref.ref[_Node]:
+    """A cycle that survives a full collection (frozen), then becomes garbage."""
+    kept = [_Node()]
+    kept[0].other = kept[0]
+    survivor = weakref.ref(kept[0])
+    gc.collect()  # survives, frozen
+    kept.clear()
+    gc.collect()
+    assert survivor() is not None, "a frozen cycle waits for the thaw"
+    return survivor
+
+
 async def test_survivors_of_a_full_collection_are_frozen_while_the_block_runs() -> None:
     async with short_full_collections(3600):
         gc.collect()
@@ -42,13 +54,7 @@ async def test_cycles_frozen_are_freed_after_the_thaw() -> None:
         frozen = _cycle()
         gc.collect()  # reachable from nothing: freed here already
         assert frozen() is None
-        kept = [_Node()]
-        kept[0].other = kept[0]
-        survivor = weakref.ref(kept[0])
-        gc.collect()  # survives, frozen
-        kept.clear()
-        gc.collect()
-        assert survivor() is not None, "a frozen cycle waits for the thaw"
+        survivor = _frozen_garbage_cycle()
         await asyncio.sleep(0.5)
         gc.collect()
         assert survivor() is None
@@ -64,13 +70,7 @@ async def test_frozen_cycles_are_freed_once_the_frozen_objects_grow_by_a_quarter
     async with short_full_collections(3600):
         gc.collect()  # the first full collection thaws once, as at a process's start
         await asyncio.sleep(1.5)
-        kept = [_Node()]
-        kept[0].other = kept[0]
-        survivor = weakref.ref(kept[0])
-        gc.collect()  # survives, frozen
-        kept.clear()
-        gc.collect()
-        assert survivor() is not None, "a frozen cycle waits for the thaw"
+        survivor = _frozen_garbage_cycle()
         ballast: list[list[int]] = [[] for _ in range(gc.get_freeze_count() // 3)]
         gc.collect()
         await asyncio.sleep(1.5)
