@@ -514,18 +514,11 @@ def _serve(args: argparse.Namespace) -> int:
         )
     if server_settings.workers > 1:
         return _serve_workers(settings, server_settings, log_json=args.log_json)
-    with asyncio.Runner(loop_factory=_server_loop()) as runner:
+    from uvicorn.loops.auto import auto_loop_factory
+
+    # The loop uvicorn picks for its workers: uvloop where installed (the `server` extra).
+    with asyncio.Runner(loop_factory=auto_loop_factory()) as runner:
         return runner.run(_serve_here(settings, server_settings))
-
-
-def _server_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop where it is installed (the `server` extra), as uvicorn's own
-    `loop="auto"` picks for workers; else asyncio's."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
 
 
 def _serve_workers(settings: Settings, server_settings: ServerSettings, *, log_json: bool) -> int:

@@ -470,18 +470,25 @@ def _redis_internals(realtime: RealtimeTier, realtime_kind: str) -> Any:
     return realtime
 
 
+async def _listed_at(tier: Any, channel: ChannelRef) -> float | None:
+    """The channel's score on the Redis list of channels holding marks (None: not listed)."""
+    name = f"{channel.workspace_id}/{channel.channel_id}"
+    return cast("float | None", await tier._r.zscore(tier._unconfirmed_channels, name))
+
+
 async def test_a_confirm_racing_a_write_between_its_listings_leaves_its_channel_listed(
     realtime: RealtimeTier, realtime_kind: str, clock: ManualClock, ids: PushIdGenerator
 ) -> None:
     # The reviewer's race, step by step: write W lists its channel; another send on the
-    # channel is saved and confirmed, which settles the channel (W's mark is not made yet);
-    # then W's script makes its mark and W dies before its second listing.
+    # channel is saved and confirmed, which settles the channel in its batch (W's mark is not
+    # made yet); then W's script makes its mark and W dies before its second listing.
     tier = _redis_internals(realtime, realtime_kind)
     channel = ChannelRef(unique("ws"), "busy")
     w, other = make_message(clock, ids, "W"), make_message(clock, ids, "other")
     await tier._in_order(lambda pipe: tier._register(pipe, [(channel, w)]))
     await realtime.write(channel, other)
     await realtime.confirm(channel, [other.message_id])
+    await tier._settling  # the batch that settles the channels confirms left without marks
     await tier._write_script(**tier._script_call(channel, w))
     # (no second listing: W's process is gone)
     assert channel in await realtime.unconfirmed_channels(clock.now_ms())
@@ -489,19 +496,13 @@ async def test_a_confirm_racing_a_write_between_its_listings_leaves_its_channel_
     await realtime.confirm(channel, [w.message_id])  # reconciled: saved, confirmed
     # W's write still counts in flight: its channel stays listed, but once taken for dead it
     # is put off for minutes, not visited every round, and forgotten after the TTL.
-    raw: Any = tier._r
-
-    async def score() -> float | None:
-        name = f"{channel.workspace_id}/{channel.channel_id}"
-        return cast("float | None", await raw.zscore(tier._unconfirmed_channels, name))
-
-    assert await score() is not None
+    assert await _listed_at(tier, channel) is not None
     clock.advance(120_000)
     assert await realtime.unconfirmed_channels(clock.now_ms()) is not None
-    assert await score() == clock.now_ms() + 300_000
+    assert await _listed_at(tier, channel) == clock.now_ms() + 300_000
     clock.advance(REALTIME_TTL_MS)
     await realtime.unconfirmed_channels(clock.now_ms())
-    assert await score() is None
+    assert await _listed_at(tier, channel) is None
 
 
 async def test_a_channel_its_confirms_leave_without_marks_leaves_the_list_soon(
@@ -509,15 +510,13 @@ async def test_a_channel_its_confirms_leave_without_marks_leaves_the_list_soon(
 ) -> None:
     # Without a reconcile round: the list stays as short as the channels holding marks.
     tier = _redis_internals(realtime, realtime_kind)
-    raw: Any = tier._r
     channels = [ChannelRef(unique("ws"), f"c{i}") for i in range(3)]
     messages = [make_message(clock, ids, f"m{i}") for i in range(3)]
     for channel, message in zip(channels, messages, strict=True):
         await realtime.write(channel, message)
 
     async def listed(channel: ChannelRef) -> bool:
-        name = f"{channel.workspace_id}/{channel.channel_id}"
-        return await raw.zscore(tier._unconfirmed_channels, name) is not None
+        return await _listed_at(tier, channel) is not None
 
     assert all([await listed(c) for c in channels])
     for channel, message in zip(channels[:2], messages[:2], strict=True):
@@ -585,4 +584,4 @@ async def test_a_write_refused_by_redis_ends_its_time_in_flight(
     raw: Any = tier._r
     assert await raw.hget(tier._unconfirmed_writes, f"i:{name}") is None
     await realtime.unconfirmed_channels(clock.now_ms())  # no mark: settled, taken off
-    assert await raw.zscore(tier._unconfirmed_channels, name) is None
+    assert await _listed_at(tier, channel) is None
