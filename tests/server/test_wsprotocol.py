@@ -8,11 +8,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import re
+from typing import Any
 
 import pytest
 from uvicorn.protocols.websockets import websockets_sansio_impl
+from websockets.sync.client import connect
 
 from dualwrite.server.wsprotocol import LeanWebSocketProtocol, _Events, _Flag
+from tests.support.servers import serving
 
 SOURCE = inspect.getsource(websockets_sansio_impl)
 
@@ -78,3 +81,32 @@ async def test_the_flag_holds_writers_while_cleared() -> None:
         await cancelled
     flag.set()
     assert await asyncio.wait_for(flag.wait(), 1)
+
+
+def test_an_open_socket_keeps_none_of_its_handshakes_headers() -> None:
+    """A browser's handshake headers are a few KB; thousands of open sockets share a process."""
+    seen: dict[str, object] = {}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            return
+        await receive()
+        seen["before"] = len(scope["headers"])
+        await send({"type": "websocket.accept"})
+        protocol = receive.__self__
+        # websockets' parser keeps the request it parsed in its generator's frame.
+        request = protocol.conn.parser.gi_frame.f_locals.get("request")
+        seen["after"] = len(scope["headers"])
+        seen["request"] = None if request is None else len(request.headers)
+        await send({"type": "websocket.send", "text": "ok"})
+        await receive()
+
+    with (
+        serving(app, ws=LeanWebSocketProtocol) as base,
+        connect(
+            base.replace("http://", "ws://") + "/", additional_headers={"x-big": "b" * 4000}
+        ) as socket,
+    ):
+        assert socket.recv(5) == "ok"
+    assert seen["before"] and seen["after"] == 0
+    assert seen["request"] in (None, 0)

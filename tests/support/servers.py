@@ -43,11 +43,13 @@ def serve_process(
 
 
 @contextlib.contextmanager
-def serving(app: Any, port: int = 0) -> Iterator[str]:
-    """Run ``app`` under a real uvicorn server (on ``port``, or a free one), in a thread;
-    yield its URL."""
+def serving(app: Any, port: int = 0, **config: Any) -> Iterator[str]:
+    """Run ``app`` under a real uvicorn server (on ``port``, or a free one; ``config`` goes to
+    `uvicorn.Config`), in a thread; yield its URL."""
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", **config
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
