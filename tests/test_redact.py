@@ -47,3 +47,22 @@ def test_every_log_line_is_redacted(formatter: logging.Formatter) -> None:
         "uvicorn.error", logging.INFO, __file__, 1, '"GET /x?token=%s"', (JWT,), None
     )
     assert JWT not in formatter.format(record)
+
+
+@pytest.mark.parametrize(
+    ("text", "printed"),
+    [
+        ("GET /ws?TOKEN=abc HTTP/1.1", "GET /ws?TOKEN=*** HTTP/1.1"),
+        # What matching without regard to case takes as "password" and "key" (the long s,
+        # the Kelvin sign): a name spelled so is masked all the same.
+        ("login pa\u017f\u017fword=hunter2", "login pa\u017f\u017fword=***"),
+        ("x \u212aey=abc", "x \u212aey=***"),
+        ("authorization: bEaReR\tabc.def", "authorization: bEaReR\t***"),
+        (
+            "send: outcome=saved message_id=-Oab user_id=u1",
+            "send: outcome=saved message_id=-Oab user_id=u1",
+        ),
+    ],
+)
+def test_credentials_are_masked_in_any_case(text: str, printed: str) -> None:
+    assert redact_text(text) == printed
