@@ -432,6 +432,42 @@ def test_16_sockets_waiting_for_their_token_are_capped(tmp_path: Path, cap: str)
             assert next_message(ws)["messageId"] == sent["messageId"]
 
 
+def test_16_x_forwarded_for_does_not_get_around_the_per_address_cap(tmp_path: Path) -> None:
+    # Loopback is the one peer uvicorn would take the header from, were it trusted.
+    with served(tmp_path, env={"DUALWRITE_WS_MAX_UNAUTHENTICATED_PER_ADDRESS": "2"}) as server:
+        spoofed = [{"X-Forwarded-For": f"203.0.113.{n}"} for n in range(3)]
+        with (
+            connect(server.ws, additional_headers=spoofed[0]),
+            connect(server.ws, additional_headers=spoofed[1]),
+        ):
+            time.sleep(0.3)
+            with pytest.raises(InvalidStatus) as refused:
+                connect(server.ws, additional_headers=spoofed[2]).close()
+            assert refused.value.response.status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [(f"X-Long: {'a' * 9000}\r\n", b"431"), ("".join(f"X-{n}: a\r\n" for n in range(200)), b"431")],
+)
+def test_16_a_handshake_websockets_refuses_is_answered_and_closed(
+    tmp_path: Path, headers: str, status: bytes
+) -> None:
+    with served(tmp_path) as server:
+        host, port = server.base.removeprefix("http://").split(":")
+        request = (
+            f"GET /ws/workspaces/acme/channels/general HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{headers}\r\n"
+        )
+        with socket.create_connection((host, int(port)), timeout=5) as raw:
+            raw.sendall(request.encode())
+            answer = b""
+            while chunk := raw.recv(65536):  # until the server closes (a timeout fails)
+                answer += chunk
+        assert answer.split(b" ")[1] == status, answer[:200]
+
+
 # 12. Token lifetime, iss/aud, sockets outliving their token, renewal.
 
 

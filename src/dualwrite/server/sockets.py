@@ -65,6 +65,8 @@ async def live(websocket: WebSocket) -> None:
         return
     counts.waiting(address)
     try:
+        # Past this accept the handshake's headers are gone (`LeanWebSocketProtocol` lets them
+        # go): `websocket.headers`, `.cookies` and `.url` read empty. Take what is needed first.
         await websocket.accept()
         identity = await _identify(websocket)
     except _Refused as refused:

@@ -134,6 +134,9 @@ def server_config(app: Any, server: ServerSettings, **more: Any) -> Config:
         # uvicorn's own sans-I/O protocol, holding less per open socket.
         ws=LeanWebSocketProtocol,
         server_header=False,
+        # A client's address (per-address caps, logs) is its peer's: `X-Forwarded-For` is not
+        # trusted (docs/security.md), not even from loopback, where uvicorn trusts it by default.
+        proxy_headers=False,
         **more,
     )
 
