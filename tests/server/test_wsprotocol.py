@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import re
 from typing import Any
 
 import pytest
 from uvicorn.protocols.websockets import websockets_sansio_impl
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from dualwrite.server.wsprotocol import LeanWebSocketProtocol, _Events, _Flag
@@ -110,3 +112,29 @@ def test_an_open_socket_keeps_none_of_its_handshakes_headers() -> None:
         assert socket.recv(5) == "ok"
     assert seen["before"] and seen["after"] == 0
     assert seen["request"] in (None, 0)
+
+
+def test_a_text_frame_of_invalid_utf8_closes_1007_without_an_error_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            return
+        await receive()
+        await send({"type": "websocket.accept"})
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+
+    uvicorn_log = logging.getLogger("uvicorn.error")  # uvicorn's loggers do not propagate
+    with serving(app, ws=LeanWebSocketProtocol) as base:
+        uvicorn_log.addHandler(caplog.handler)
+        try:
+            with connect(base.replace("http://", "ws://") + "/") as socket:
+                # A text frame (FIN, opcode 1, masked, 2 bytes) of bytes that are not UTF-8.
+                socket.socket.sendall(bytes([0x81, 0x82, 0, 0, 0, 0, 0xC3, 0x28]))
+                with pytest.raises(ConnectionClosed):
+                    socket.recv(5)
+                assert socket.close_code == 1007
+        finally:
+            uvicorn_log.removeHandler(caplog.handler)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
