@@ -132,7 +132,8 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         if self.lingering:
             return  # the close is sent: what the peer still sends is dropped unread
         super().data_received(data)
-        if not self.handshake_initiated and self.conn.handshake_exc is not None:
+        refused = self.conn.handshake_exc is not None and not self.handshake_initiated
+        if refused and not self.transport.is_closing():
             # websockets refused the handshake (a header line over 8 KB, over 128 headers, not
             # HTTP) and queued its answer (431, 414, or none): uvicorn never sends it, and the
             # connection stayed open, answered by nothing and counted against no cap.
