@@ -85,33 +85,37 @@ async def test_the_flag_holds_writers_while_cleared() -> None:
     assert await asyncio.wait_for(flag.wait(), 1)
 
 
-def test_an_open_socket_keeps_none_of_its_handshakes_headers() -> None:
-    """A browser's handshake headers are a few KB; thousands of open sockets share a process."""
+def test_an_open_socket_keeps_none_of_its_handshakes_headers_or_query() -> None:
+    """A browser's handshake headers are a few KB; thousands of open sockets share a process.
+    The query may hold a `?token=`."""
     seen: dict[str, object] = {}
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "websocket":
             return
         await receive()
-        seen["before"] = len(scope["headers"])
+        seen["before"] = (len(scope["headers"]), scope["query_string"])
         await send({"type": "websocket.accept"})
         protocol = receive.__self__
         # websockets' parser keeps the request it parsed in its generator's frame.
         request = protocol.conn.parser.gi_frame.f_locals.get("request")
-        seen["after"] = len(scope["headers"])
-        seen["request"] = None if request is None else len(request.headers)
+        seen["after"] = (len(scope["headers"]), scope["query_string"])
+        seen["request"] = None if request is None else (len(request.headers), request.path)
         await send({"type": "websocket.send", "text": "ok"})
         await receive()
 
     with (
         serving(app, ws=LeanWebSocketProtocol) as base,
         connect(
-            base.replace("http://", "ws://") + "/", additional_headers={"x-big": "b" * 4000}
+            base.replace("http://", "ws://") + "/live?token=secret",
+            additional_headers={"x-big": "b" * 4000},
         ) as socket,
     ):
         assert socket.recv(5) == "ok"
-    assert seen["before"] and seen["after"] == 0
-    assert seen["request"] in (None, 0)
+    before: tuple[int, bytes] = seen["before"]  # type: ignore[assignment]
+    assert before[0] and before[1] == b"token=secret"
+    assert seen["after"] == (0, b"")
+    assert seen["request"] in (None, (0, "/live"))
 
 
 def test_a_text_frame_of_invalid_utf8_closes_1007_without_an_error_logged(

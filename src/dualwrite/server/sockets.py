@@ -64,11 +64,12 @@ async def live(websocket: WebSocket) -> None:
         await websocket.close(1008, reason="too many sockets waiting to sign in")
         return
     counts.waiting(address)
+    # Past the accept the handshake's headers and query are gone (`LeanWebSocketProtocol` lets
+    # them go): `websocket.headers`, `.cookies`, `.url` and `.query_params` read empty.
+    query = _query(websocket)
     try:
-        # Past this accept the handshake's headers are gone (`LeanWebSocketProtocol` lets them
-        # go): `websocket.headers`, `.cookies` and `.url` read empty. Take what is needed first.
         await websocket.accept()
-        identity = await _identify(websocket)
+        identity = await _identify(websocket, query.pop("token", None))
     except _Refused as refused:
         await _close(websocket, refused.code, refused.reason)
         return
@@ -81,7 +82,8 @@ async def live(websocket: WebSocket) -> None:
         counts.done_waiting(address)
     try:
         channel = check_channel(websocket.path_params["ws"], websocket.path_params["ch"])
-        after, cursor = _start(websocket)
+        after, cursor = query.get("after") or None, query.get("cursor") or None
+        del query
         if after is not None:
             check_id("after", after)
         if cursor is not None and (len(cursor) > 100 or not cursor.isascii()):
@@ -236,21 +238,15 @@ async def _deliver(
         await websocket.close(1011, reason="live delivery failed: reconnect with ?cursor=")
 
 
-async def _identify(websocket: WebSocket) -> Identity:
+async def _identify(websocket: WebSocket, query_token: str | None) -> Identity:
     """The socket's identity, from `?token=` or its first frame, within the auth timeout."""
     state = server_state(websocket)
     try:
         async with asyncio.timeout(state.settings.ws_auth_timeout_s):
-            token = _query(websocket).get("token") or await _first_frame_token(websocket)
+            token = query_token or await _first_frame_token(websocket)
             return await state.authenticator.identify(token)
     except TimeoutError:
         raise Unauthorized('send {"token": ...} as the first frame, at once') from None
-
-
-def _start(websocket: WebSocket) -> tuple[str | None, str | None]:
-    """`?after=` and `?cursor=`, or None."""
-    query = _query(websocket)
-    return query.get("after") or None, query.get("cursor") or None
 
 
 def _query(websocket: WebSocket) -> dict[str, str]:

@@ -6,9 +6,9 @@ websockets installed: no task of its own per socket, keepalive pings on timers) 
 whole life of a socket, the handshake's request and response (with their headers, which
 websockets' parser holds on to as well, and the scope a copy of them) and an `asyncio.Queue`
 for the few events the app receives (four deques). This subclass empties and lets go the
-handshake's headers once it is answered, queues the events in a list and flags writability
-without an `asyncio.Event`: the same protocol, frames, pings, limits (`ws_max_size`) and flow
-control, some 12 KB less per socket with a browser's headers.
+handshake's headers (and query) once it is answered, queues the events in a list and flags
+writability without an `asyncio.Event`: the same protocol, frames, pings, limits
+(`ws_max_size`) and flow control, some 12 KB less per socket with a browser's headers.
 
 It also closes a socket it must fail (a frame over `ws_max_size`, bad UTF-8) the way a TCP peer
 should when the other side may still be sending: the close frame is written, the write side
@@ -122,9 +122,12 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
             # Read only while answering the handshake (accept, reject, or an HTTP response).
             # websockets' parser keeps the request in its generator's frame for the life of
             # the socket, so its headers are emptied, not only let go (about 5 KB a socket);
-            # the scope's copy of them too (2 KB): the app reads them before it accepts.
+            # the scope's copy of them too (2 KB). The query goes as well: it may hold a
+            # `?token=`. The app reads what it needs of both before it accepts.
             self.request.headers.clear()
+            self.request.path = self.request.path.partition("?")[0]
             self.scope["headers"] = []
+            self.scope["query_string"] = b""
             self.request = None  # type: ignore[assignment]
             self.response = None  # type: ignore[assignment]
 
