@@ -16,21 +16,17 @@ _SECRET_PARAMS = frozenset(
     {"token", "access_token", "password", "passwd", "pass", "secret", "key", "sslpassword", "auth"}
 )
 
-_PATTERNS = [
-    # scheme://user:password@host -> scheme://user:***@host
-    (re.compile(r"(?P<head>[a-zA-Z][\w+.-]*://[^\s/:@]*:)[^\s@/]+(?=@)"), rf"\g<head>{MASK}"),
-    # ?token=... &password=... (also inside logged request lines)
-    (
-        re.compile(
-            r"(?P<head>(?:^|[?&;\s])(?:" + "|".join(sorted(_SECRET_PARAMS)) + r")=)[^&\s\"'#]+",
-            re.IGNORECASE,
-        ),
-        rf"\g<head>{MASK}",
-    ),
-    (re.compile(r"(?P<head>\bBearer\s+)[^\s\"',]+", re.IGNORECASE), rf"\g<head>{MASK}"),
-    # A JWT anywhere (header.payload.signature, base64url, the header starts with eyJ).
-    (re.compile(r"\beyJ[\w-]*\.[\w-]+\.[\w-]*"), MASK),
-]
+_HEAD = rf"\g<head>{MASK}"
+# scheme://user:password@host -> scheme://user:***@host
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][\w+.-]*://[^\s/:@]*:)[^\s@/]+(?=@)")
+# ?token=... &password=... (also inside logged request lines)
+_SECRET_PARAM = re.compile(
+    r"(?P<head>(?:^|[?&;\s])(?:" + "|".join(sorted(_SECRET_PARAMS)) + r")=)[^&\s\"'#]+",
+    re.IGNORECASE,
+)
+_BEARER = re.compile(r"(?P<head>\bBearer\s+)[^\s\"',]+", re.IGNORECASE)
+# A JWT anywhere (header.payload.signature, base64url, the header starts with eyJ).
+_JWT = re.compile(r"\beyJ[\w-]*\.[\w-]+\.[\w-]*")
 _PARAM_HINTS = tuple(f"{name}=" for name in _SECRET_PARAMS)
 
 
@@ -63,12 +59,12 @@ def redact_text(text: str) -> str:
     # what it needs to match, a substring test being far cheaper than a regex scan.
     # casefold(), not lower(): IGNORECASE also matches characters such as the long s.
     if "://" in text:
-        text = _PATTERNS[0][0].sub(_PATTERNS[0][1], text)
+        text = _URL_PASSWORD.sub(_HEAD, text)
     folded = text.casefold()
     if "=" in text and any(hint in folded for hint in _PARAM_HINTS):
-        text = _PATTERNS[1][0].sub(_PATTERNS[1][1], text)
+        text = _SECRET_PARAM.sub(_HEAD, text)
     if "bearer" in folded:
-        text = _PATTERNS[2][0].sub(_PATTERNS[2][1], text)
+        text = _BEARER.sub(_HEAD, text)
     if "eyJ" in text:
-        text = _PATTERNS[3][0].sub(_PATTERNS[3][1], text)
+        text = _JWT.sub(MASK, text)
     return text

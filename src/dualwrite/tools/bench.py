@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import os
 import resource
 import secrets
@@ -74,19 +73,20 @@ def load_average() -> tuple[float, float, float]:
 
 async def wait_for_quiet(max_s: float, out: TextIO) -> None:
     """Wait up to ``max_s`` for the 1-minute load average to fall to `LOAD_WARNING`."""
-    if max_s <= 0 or load_average()[0] <= LOAD_WARNING:
+    load = load_average()[0]
+    if max_s <= 0 or load <= LOAD_WARNING:
         return
     print(
-        f"bench: waiting up to {max_s:.0f} s for the load average ({load_average()[0]:.2f}) "
+        f"bench: waiting up to {max_s:.0f} s for the load average ({load:.2f}) "
         f"to fall to {LOAD_WARNING}",
         file=out,
         flush=True,
     )
     deadline = time.monotonic() + max_s
-    for _ in range(math.ceil(max_s / 5)):  # the kernel updates the average every 5 s
-        if load_average()[0] <= LOAD_WARNING or time.monotonic() >= deadline:
+    while (left := deadline - time.monotonic()) > 0:
+        await asyncio.sleep(min(5.0, left))  # the kernel updates the average every 5 s
+        if load_average()[0] <= LOAD_WARNING:
             return
-        await asyncio.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
 
 
 def announce_load(out: TextIO, err: TextIO, label: str = "") -> tuple[float, float, float]:
