@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,48 @@ async def test_a_retry_that_rewrites_an_older_id_reaches_live_and_resuming_socke
         resumed = dw.subscribe(channel.workspace_id, channel.channel_id, cursor=got[-1].cursor)
         assert [e.message.message_id for e in await take(resumed, 1)] == [a]
         await resumed.aclose()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_pushed_writes_the_callback_refuses_wait_in_write_order_until_taken(
+    kind: str, tmp_path: Path, channel: ChannelRef
+) -> None:
+    """A pushed listener (a live socket): a write the callback cannot take at once waits, with
+    those after it, in write order; the callback gets the next write once none waits."""
+    async with running(kind, tmp_path) as dw, dw.live.listen(channel) as subscription:
+        assert [entry async for entry in subscription.backlog()] == []
+        pushed: list[str] = []
+        accepting = True
+
+        def sink(entry: LiveEntry) -> bool:
+            if accepting:
+                pushed.append(entry.message.message_id)
+            return accepting
+
+        subscription.push(sink)
+        await asyncio.sleep(0.3)  # the channel's watch takes hold
+        a = await send(dw, channel, "a")
+        await until(lambda: len(pushed) == 1)
+        accepting = False
+        b, c = await send(dw, channel, "b"), await send(dw, channel, "c")
+        waited: list[str] = []
+
+        def took_two() -> bool:
+            waited.extend(e.message.message_id for e in subscription.take_waiting())
+            return len(waited) == 2
+
+        await until(took_two)
+        accepting = True
+        d = await send(dw, channel, "d")
+        await until(lambda: len(pushed) == 2)
+        assert (pushed, waited) == ([a, d], [b, c])
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -15,6 +15,7 @@ from dualwrite.model import User
 from dualwrite.runtime import open_dualwrite
 from dualwrite.server.app import create_app
 from dualwrite.server.auth import Identity, TokenSigner
+from dualwrite.server.wsprotocol import LeanWebSocketProtocol
 from dualwrite.settings import ServerSettings, Settings
 from tests.support.servers import serving
 
@@ -67,9 +68,11 @@ def _api(
     *,
     background: bool = False,
     port: int = 0,
+    ws: Any = LeanWebSocketProtocol,
     **overrides: Any,
 ) -> Iterator[Api]:
-    """A server in this process on fault-injecting backends; ``overrides`` go to `Settings`."""
+    """A server in this process on fault-injecting backends, with `serve`'s WebSocket protocol
+    (or ``ws``); ``overrides`` go to `Settings`."""
     realtime_faults, store_faults = Faults(), Faults()
     settings = Settings(
         store_url=f"sqlite:///{tmp_path}/messages.db",
@@ -88,7 +91,7 @@ def _api(
         )
 
     app = create_app(settings, config, open_runtime=open_runtime)
-    with serving(app, port) as base, httpx.Client(base_url=base, timeout=10) as client:
+    with serving(app, port, ws=ws) as base, httpx.Client(base_url=base, timeout=10) as client:
         ws_base = base.replace("http://", "ws://")
         yield Api(client, ws_base, realtime_faults, store_faults, TokenSigner(SECRET, config))
 

@@ -9,6 +9,7 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,8 +24,10 @@ from dualwrite.backends import BackendContext, create_realtime_tier
 from dualwrite.clock import SystemClock
 from dualwrite.ids import PushIdGenerator
 from dualwrite.model import REALTIME_TTL_MS, ChannelRef, RealtimeMessage
+from dualwrite.server.wsprotocol import LeanWebSocketProtocol
+from dualwrite.settings import ServerSettings
 from tests.conftest import realtime_url, store_url, unique
-from tests.server.conftest import Api
+from tests.server.conftest import SECRET, Api, _api
 from tests.server.test_processes import mint
 from tests.support.servers import serve_process
 
@@ -249,3 +252,43 @@ def test_a_tier_that_fails_closes_1011_and_the_client_resumes_once_it_is_back(ap
     api.realtime_faults.heal()
     with connect(f"{url}&cursor={cursor}") as socket:
         assert frames(socket, 1)[0]["messageId"] == missed["messageId"]
+
+
+@pytest.fixture(
+    params=[LeanWebSocketProtocol, "websockets-sansio"], ids=["serve's protocol", "uvicorn's"]
+)
+def any_protocol(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Api]:
+    """A server in this process with `serve`'s WebSocket protocol (frames written at once) or
+    uvicorn's own (every frame through the ASGI send)."""
+    limits_off = ServerSettings(
+        token_secret=SECRET, send_rate_per_s=0, send_bytes_per_s=0, channel_bytes_per_s=0
+    )
+    yield from _api(tmp_path, limits_off, ws=request.param)
+
+
+def test_a_burst_of_messages_reaches_a_socket_in_write_order_and_so_does_the_next(
+    any_protocol: Api,
+) -> None:
+    api = any_protocol
+    path = "/api/workspaces/acme/channels/burst/messages"
+    with connect(f"{api.ws_base}/ws/workspaces/acme/channels/burst?token={api.token()}") as ws:
+        settle(ws)
+
+        async def burst() -> list[str]:
+            async with httpx.AsyncClient(base_url=str(api.client.base_url)) as client:
+                answers = await asyncio.gather(
+                    *(
+                        client.post(path, headers=api.auth(), json={"text": f"{i}"})
+                        for i in range(40)
+                    )
+                )
+            return [answer.json()["messageId"] for answer in answers]
+
+        sent = asyncio.run(burst())
+        got = frames(ws, len(sent))
+        assert sorted(f["messageId"] for f in got) == sorted(sent)
+        # The memory tier's cursors number its writes: `{incarnation}.{number}`.
+        numbers = [int(f["cursor"].rpartition(".")[2]) for f in got]
+        assert numbers == sorted(numbers)
+        after = api.client.post(path, headers=api.auth(), json={"text": "after"}).json()
+        assert frames(ws, 1)[0]["messageId"] == after["messageId"]

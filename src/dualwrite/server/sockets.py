@@ -31,12 +31,13 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from dualwrite import metrics
 from dualwrite.errors import CursorExpired, InvalidInput
-from dualwrite.live import Overflowed
-from dualwrite.model import ChannelRef
+from dualwrite.live import Overflowed, Subscription
+from dualwrite.model import ChannelRef, LiveEntry
 from dualwrite.server.auth import Identity, Unauthorized
 from dualwrite.server.live import encode
 from dualwrite.server.ratelimit import Limit
 from dualwrite.server.state import server_state
+from dualwrite.server.wsprotocol import SEND_TEXT_NOW
 from dualwrite.validation import check_channel, check_id
 
 log = logging.getLogger(__name__)
@@ -161,14 +162,84 @@ class _Notices:
             await asyncio.gather(task, return_exceptions=True)
 
 
+class _Messages:
+    """A socket's messages: its backlog first, by a task; then each live write is written the
+    moment the feed reads it, when the socket can take it at once (`SEND_TEXT_NOW`): no task
+    and no future wait on an idle socket. When it cannot (a client not reading, or a server
+    without that extension), the writes wait in the listener, in order, and a short task sends
+    them until none is left."""
+
+    __slots__ = ("_end", "_send", "_send_now", "_subscription", "_task", "failure")
+
+    def __init__(
+        self,
+        subscription: Subscription,
+        send: Callable[[str], Awaitable[None]],
+        send_now: Callable[[str], bool] | None,
+        end: Callable[[], None],
+    ) -> None:
+        self._subscription = subscription
+        self._send = send
+        self._send_now = send_now
+        self._end = end
+        self.failure: BaseException | None = None
+        self._task: asyncio.Task[None] | None = asyncio.create_task(self._sending(backlog=True))
+        subscription.when_overflowed(self._overflowed)
+
+    async def _sending(self, *, backlog: bool) -> None:
+        try:
+            if backlog:
+                async for entry in self._subscription.backlog():
+                    await self._send(encode(entry))
+                self._subscription.push(self._offer)
+            while entries := self._subscription.take_waiting():
+                for entry in entries:
+                    await self._send(encode(entry))
+        except Exception as error:
+            self._fail(error)
+        finally:
+            self._task = None
+
+    def _offer(self, entry: LiveEntry) -> bool:
+        # On the feed's turn: it must not raise, nor wait.
+        if self._task is not None:
+            return False  # the task sends what waits, this one after them
+        if self._send_now is not None:
+            try:
+                if self._send_now(encode(entry)):
+                    return True
+            except Exception:  # the ASGI send meets it again and tells
+                log.debug("live frame not written at once", exc_info=True)
+        self._task = asyncio.create_task(self._sending(backlog=False))
+        return False
+
+    def _overflowed(self) -> None:
+        # A client that stops reading blocks the task's send; this stops it.
+        if self._task is not None:
+            self._task.cancel()
+        self._fail(Overflowed())
+
+    def _fail(self, error: BaseException) -> None:
+        if self.failure is None:
+            self.failure = error
+        self._end()
+
+    async def close(self) -> None:
+        task = self._task
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
 async def _deliver(
     websocket: WebSocket, channel: ChannelRef, cursor: str | None, after: str | None
 ) -> None:
-    """Forward frames until the client leaves, falls too far behind, or cannot resume.
+    """Send messages and notices until the client leaves, falls too far behind, or cannot
+    resume.
 
-    Per socket, while it is open: this coroutine, a task forwarding its messages and a task
-    reading what the client sends (so a close is noticed at once); notices and the overflow
-    need none of their own (thousands of sockets share a process).
+    Per socket, while it is open: this coroutine and a task reading what the client sends (so
+    a close is noticed at once); messages and notices need tasks only while they wait for the
+    client (thousands of sockets share a process).
     """
     state = server_state(websocket)
     failure: BaseException | None = None
@@ -179,49 +250,34 @@ async def _deliver(
         async with sending:
             await websocket.send_text(frame)
 
+    send_now = websocket.scope.get("extensions", {}).get(SEND_TEXT_NOW)
     notices = _Notices(send)
     try:
         async with (
             state.notices.watching(channel.workspace_id, channel.channel_id, notices.take),
             state.dw.live.listen(channel, cursor=cursor, after_id=after) as subscription,
         ):
-
-            async def forward() -> None:
-                async for entry in subscription:
-                    await send(encode(entry))
-
-            sender = asyncio.create_task(forward())
-            reader = asyncio.create_task(_drain_client(websocket))
-            # Whichever ends first ends the socket (one future, not `asyncio.wait`'s set of
-            # callbacks: this waits as long as the socket is open).
+            # Whichever ends first ends the socket: the client, or its messages (overflow, a
+            # failed send, a backlog that cannot be read). One future, not `asyncio.wait`'s
+            # set of callbacks: this waits as long as the socket is open.
             ended = asyncio.get_running_loop().create_future()
 
-            def end(_: object) -> None:
+            def end(_: object = None) -> None:
                 if not ended.done():
                     ended.set_result(None)
 
-            sender.add_done_callback(end)
+            reader = asyncio.create_task(_drain_client(websocket))
             reader.add_done_callback(end)
-            # A client that stops reading blocks `send_text`: the overflow stops the sender.
-            overflowed = False
-
-            def stop_sending() -> None:
-                nonlocal overflowed
-                overflowed = True
-                sender.cancel()
-
-            subscription.when_overflowed(stop_sending)
+            messages = _Messages(subscription, send, send_now, end)
             try:
                 await ended
             finally:
                 # Also when cancelled (token expiry): no task may outlive the socket.
-                for task in (sender, reader):
-                    task.cancel()
-                await asyncio.gather(sender, reader, notices.close(), return_exceptions=True)
-            if overflowed:
-                failure = Overflowed()
-            elif sender.done() and not sender.cancelled():
-                failure = sender.exception()
+                reader.cancel()
+                await asyncio.gather(
+                    reader, messages.close(), notices.close(), return_exceptions=True
+                )
+            failure = messages.failure
     except Exception as error:  # the channel could not be watched (the tier is down)
         failure = error
     # The listener is released before a close that may wait for the client to read.

@@ -17,6 +17,10 @@ linger ends. uvicorn closes at once; data arriving at a closed socket makes the 
 with a reset, and a reset can discard the close frame before the client reads it, so a client
 that sent 16 MB saw "connection reset" instead of 1009 about one time in three.
 
+Once a socket is accepted, the app finds `send_text_now` in the scope's extensions
+(`SEND_TEXT_NOW`): the frame written at once, without the ASGI send's coroutines, when the
+socket can take it without waiting; live delivery writes most frames so.
+
 It depends on uvicorn's internals (`queue`, `writable`, `request`, `response`, `scope`):
 `tests/server/test_wsprotocol.py` checks them on the pinned uvicorn, so an upgrade that changes
 them fails there, not in production.
@@ -25,9 +29,13 @@ them fails there, not in production.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.exceptions import InvalidState
+
+SEND_TEXT_NOW = "dualwrite.send_text_now"
+"""The scope extension holding an accepted socket's `LeanWebSocketProtocol.send_text_now`."""
 
 
 class _Events:
@@ -116,9 +124,37 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         self.queue = _Events()  # type: ignore[assignment]
         self.writable = _Flag()  # type: ignore[assignment]
 
+    def send_text_now(self, text: str) -> bool:
+        """Write a text frame at once if the socket can take it without waiting: True if
+        written; False (nothing written) while the client is not reading (flow control) or the
+        socket is closing, where the ASGI send waits, or fails, as it should."""
+        if (
+            self.close_sent
+            or self.disconnected
+            or not self.writable.is_set()
+            or self.transport.is_closing()
+        ):
+            return False
+        try:
+            self.conn.send_text(text.encode())
+        except InvalidState:  # the client's close arrived: the ASGI send says so
+            return False
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # The scope holds the bound method, which holds the protocol: no cycle outlives it.
+        scope = getattr(self, "scope", None)
+        if scope is not None:
+            scope.get("extensions", {}).pop(SEND_TEXT_NOW, None)
+        super().connection_lost(exc)
+
     async def send(self, message: Any) -> None:
         await super().send(message)
         if self.handshake_complete and self.request is not None:
+            if message["type"] == "websocket.accept" and not self.disconnected:
+                extensions = cast(dict[str, Any], self.scope.setdefault("extensions", {}))
+                extensions[SEND_TEXT_NOW] = self.send_text_now
             # Read only while answering the handshake (accept, reject, or an HTTP response).
             # websockets' parser keeps the request in its generator's frame for the life of
             # the socket, so its headers are emptied, not only let go (about 5 KB a socket);
