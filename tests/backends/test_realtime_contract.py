@@ -585,3 +585,19 @@ async def test_a_write_refused_by_redis_ends_its_time_in_flight(
     assert await raw.hget(tier._unconfirmed_writes, f"i:{name}") is None
     await realtime.unconfirmed_channels(clock.now_ms())  # no mark: settled, taken off
     assert await _listed_at(tier, channel) is None
+
+
+async def test_a_write_after_redis_lost_its_script_loads_it_again(
+    realtime: RealtimeTier, realtime_kind: str, clock: ManualClock, ids: PushIdGenerator
+) -> None:
+    # A restart or SCRIPT FLUSH: a lone write (one round trip, EVALSHA) meets NOSCRIPT.
+    tier = _redis_internals(realtime, realtime_kind)
+    channel = ChannelRef(unique("ws"), "flushed")
+    name = f"{channel.workspace_id}/{channel.channel_id}"
+    await tier._r.script_flush()
+    message = make_message(clock, ids, "after the flush")
+    await realtime.write(channel, message)
+    assert await realtime.read(channel, message.message_id) == message
+    # Its listings ran twice (the lone try, then the reloading one): none is left in flight.
+    assert int(await tier._r.hget(tier._unconfirmed_writes, f"i:{name}") or 0) == 0
+    assert await realtime.unconfirmed(channel, None, clock.now_ms(), 10) == [message]

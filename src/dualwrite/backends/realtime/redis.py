@@ -93,7 +93,7 @@ from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, ResponseError
+from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dualwrite._coalesce import Coalescer
@@ -453,6 +453,17 @@ class RedisRealtimeTier:
             self._listing(pipe, _LIST_AFTER, args)
 
     async def _write_one(self, item: tuple[ChannelRef, RealtimeMessage]) -> None:
+        # As a batch of one first: on a single Redis one round trip, where the steps below
+        # take three (a lone send is the common case below a few hundred sends a second).
+        try:
+            await self._write_many([item])
+        except NoScriptError:
+            # Redis lost the script (restart, SCRIPT FLUSH, a promoted replica): its listings
+            # ran, and ran again below, which is harmless (the count in flight is back to
+            # where it was); the script did not.
+            await self._write_reloading(item)
+
+    async def _write_reloading(self, item: tuple[ChannelRef, RealtimeMessage]) -> None:
         await self._in_order(lambda pipe: self._register(pipe, [item]))
         try:
             # Script.__call__ reloads the script if Redis lost it (restart, SCRIPT FLUSH, a
