@@ -314,7 +314,7 @@ async def test_the_history_index_serves_the_page_in_order_without_a_sort(
                 history_cursor(start + 200, f"{time_prefix(start + 200)}{600:012d}"),
             ):
                 query, params = store._history_query(channel, before, 50)
-                cur = await conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) ") + query, params)
+                cur = await conn.execute(b"EXPLAIN (FORMAT JSON) " + query, params)
                 row = await cur.fetchone()
                 assert row is not None
                 nodes = list(plan_nodes(row[0][0]["Plan"]))

@@ -149,6 +149,7 @@ class PostgresPermanentStore:
     ) -> None:
         self._conninfo = conninfo
         self._schema = sql.Identifier(schema)
+        self._queries: dict[str, bytes] = {}
         self._schema_name = schema
         self._timeout_s = timeout_s
         self._migrate_on_connect = migrate_on_connect
@@ -262,8 +263,12 @@ class PostgresPermanentStore:
             await self._pool.close()
             self._pool = None
 
-    def _q(self, text: str) -> sql.Composed:
-        return sql.SQL(text).format(schema=self._schema)
+    def _q(self, text: str) -> bytes:
+        # Composed once per statement: psycopg would walk the composition on every execute.
+        query = self._queries.get(text)
+        if query is None:
+            query = self._queries[text] = sql.SQL(text).format(schema=self._schema).as_bytes()
+        return query
 
     @property
     def _p(self) -> AsyncConnectionPool[Connection]:
@@ -344,8 +349,9 @@ class PostgresPermanentStore:
             if version < SCHEMA_VERSION:
                 version = SCHEMA_VERSION
                 await conn.execute(
-                    self._q("COMMENT ON SCHEMA {schema} IS ")
-                    + sql.Literal(f"dualwrite schema v{SCHEMA_VERSION}")
+                    sql.SQL("COMMENT ON SCHEMA {schema} IS {comment}").format(
+                        schema=self._schema, comment=f"dualwrite schema v{SCHEMA_VERSION}"
+                    )
                 )
         return version
 
@@ -411,7 +417,7 @@ class PostgresPermanentStore:
 
     def _history_query(
         self, channel: ChannelRef, before: str | None, limit: int
-    ) -> tuple[sql.Composed, list[object]]:
+    ) -> tuple[bytes, list[object]]:
         """The statement reading one history page (and one more row, to tell if there is more).
 
         Ids compare bytewise (`COLLATE "C"`, as the columns since schema v2), so the index on
@@ -439,7 +445,7 @@ class PostgresPermanentStore:
 
 
 def _fetch(
-    query: sql.Composed, params: Sequence[object] | Mapping[str, object], *, rows: bool = True
+    query: bytes, params: Sequence[object] | Mapping[str, object], *, rows: bool = True
 ) -> Callable[[Connection], Awaitable[list[tuple[Any, ...]]]]:
     async def fetch(conn: Connection) -> list[tuple[Any, ...]]:
         cur = await conn.execute(query, params)
