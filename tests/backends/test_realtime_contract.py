@@ -415,6 +415,29 @@ async def test_unconfirmed_channels_lists_the_channels_holding_old_marks(
     assert listed == [marked]
 
 
+async def test_unconfirmed_channels_sorts_hundreds_of_channels_at_once(
+    realtime: RealtimeTier, clock: ManualClock, ids: PushIdGenerator
+) -> None:
+    # More channels than one Redis pipeline covers: a reconcile round after a busy minute.
+    workspace = unique("ws")
+    channels = [ChannelRef(workspace, f"c{i}") for i in range(250)]
+    messages = [make_message(clock, ids, c.channel_id) for c in channels]
+    await asyncio.gather(*(realtime.write(c, m) for c, m in zip(channels, messages, strict=True)))
+    await asyncio.gather(
+        *(
+            realtime.confirm(c, [m.message_id])
+            for c, m in zip(channels[::2], messages[::2], strict=True)
+        )
+    )
+    for _ in range(2):  # the second round finds the confirmed ones settled off the list
+        listed = {
+            c
+            for c in await realtime.unconfirmed_channels(clock.now_ms())
+            if c.workspace_id == workspace
+        }
+        assert listed == set(channels[1::2])
+
+
 async def test_a_channel_is_listed_while_it_holds_marks_and_not_once_they_are_cleared(
     realtime: RealtimeTier, clock: ManualClock, ids: PushIdGenerator
 ) -> None:
