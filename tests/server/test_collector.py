@@ -1,14 +1,17 @@
-"""`short_full_collections`: what survives a full collection is frozen (later full
-collections skip it) and thawed on schedule or once it has grown by a quarter, and garbage
-made meanwhile is still collected."""
+"""`short_full_collections`: what survives a collection is frozen (later collections skip it)
+and thawed on schedule or once the heap has grown by a quarter, and garbage made meanwhile is
+still collected."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import sys
 import weakref
 
-from dualwrite.server.collector import short_full_collections
+import pytest
+
+from dualwrite.server.collector import _SMALLEST, short_full_collections
 
 
 class _Node:
@@ -34,10 +37,12 @@ def _frozen_garbage_cycle() -> weakref.ref[_Node]:
     return survivor
 
 
-async def test_survivors_of_a_full_collection_are_frozen_while_the_block_runs() -> None:
+@pytest.mark.parametrize("generation", [0, 1, 2])
+async def test_survivors_of_a_collection_are_frozen_while_the_block_runs(generation: int) -> None:
     async with short_full_collections(3600):
-        gc.collect()
-        assert gc.get_freeze_count() > 0
+        kept: list[list[int]] = [[] for _ in range(1000)]
+        gc.collect(generation)
+        assert gc.get_freeze_count() >= len(kept)
     assert gc.get_freeze_count() == 0, "left frozen after the block"
 
 
@@ -66,13 +71,14 @@ async def test_zero_leaves_the_collector_as_it_is() -> None:
         assert gc.get_freeze_count() == 0
 
 
-async def test_frozen_cycles_are_freed_once_the_frozen_objects_grow_by_a_quarter() -> None:
+async def test_frozen_cycles_are_freed_once_the_heap_grows_by_a_quarter() -> None:
     async with short_full_collections(3600):
-        gc.collect()  # the first full collection thaws once, as at a process's start
-        await asyncio.sleep(1.5)
         survivor = _frozen_garbage_cycle()
-        ballast: list[list[int]] = [[] for _ in range(gc.get_freeze_count() // 3)]
-        gc.collect()
+        await asyncio.sleep(1.5)
+        assert survivor() is not None, "thawed without growth"
+        # A third more, and past the size below which growth does not count.
+        grown = max(sys.getallocatedblocks() // 3, _SMALLEST)
+        ballast: list[list[int]] = [[] for _ in range(grown)]
         await asyncio.sleep(1.5)
         assert survivor() is None, "not thawed after growing by a third"
         del ballast
