@@ -112,11 +112,13 @@ class Settings(_FromEnv):
     live_replay_window_s: float = 60.0
     """A resume by message id (and any resume on Firebase, whose ids follow creation order,
     not write order) replays this much before its point; clients drop ids they have."""
-    live_streams_per_read: int = 100
+    live_streams_per_read: int = 25
     """Channels one live reader follows per blocking read (Redis: streams per XREAD, on a
-    connection of its own). Each message read costs in proportion to this (a blocking XREAD
-    names every stream again): 1,000 cost a busy process a quarter of its CPU at 1,000
-    channels; 100 keep it small, for one reader connection per 100 watched channels."""
+    connection of its own). Each message read costs in proportion to this, in the process and
+    in Redis (a blocking XREAD names, and Redis blocks it on, every stream again): 1,000 cost a
+    busy process a quarter of its CPU at 1,000 channels; at 100, Redis spent 0.5-2 ms on each
+    XREAD, and the writes queued behind them; 25 cost one reader connection per 25 watched
+    channels."""
     fault_realtime: float = 0.0
     """Development only: the probability that a realtime call fails on purpose."""
     fault_permanent: float = 0.0
