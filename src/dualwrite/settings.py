@@ -239,10 +239,10 @@ class ServerSettings(_FromEnv):
     Off: the frames are small JSON, and each socket would hold its own zlib state (some 35 KB,
     more than the rest of an idle socket) and compress every frame again for itself."""
     gc_thaw_s: float = 3600.0
-    """The survivors of each full garbage collection are frozen (later full collections skip
-    them: short pauses with thousands of sockets), and collected once more when they have grown
-    by a quarter and at the latest this often, so that cycles among them (closed sockets) are
-    freed; 0: CPython's collector unchanged (`dualwrite.server.collector`)."""
+    """The survivors of each garbage collection are frozen (later collections skip them: short
+    pauses with thousands of sockets), and collected once more when the heap has grown by a
+    quarter and at the latest this often, so that cycles among them (closed sockets) are freed;
+    0: CPython's collector unchanged (`dualwrite.server.collector`)."""
     metrics_token: str | None = None
     """Serve `/metrics` on the main bind behind `Authorization: Bearer <this>` (16+
     characters); unset: `/metrics` only on `--metrics-host`, if given."""
