@@ -170,6 +170,12 @@ class _Listener:
     def push(self, sink: Callable[[LiveEntry], bool]) -> None:
         self._sink = sink
 
+    def release(self) -> None:
+        # The callbacks are the consumer's bound methods, which hold its subscription, which
+        # holds this: a cycle only a full collection would free, and `serve` runs few of those.
+        self._sink = None
+        self._on_overflow.clear()
+
 
 class Subscription:
     """One listener's entries (iterate it, or read its backlog and then have them pushed) and
@@ -378,5 +384,6 @@ class _Listening:
             return
         self._entry = self._listener = None
         entry.listeners.discard(listener)
+        listener.release()
         if not entry.listeners:
             self._hub._release(self.channel, entry)

@@ -202,6 +202,8 @@ class _Messages:
 
     def _offer(self, entry: LiveEntry) -> bool:
         # On the feed's turn: it must not raise, nor wait.
+        if self.failure is not None:
+            return True  # the socket is being closed: the client resumes from its cursor
         if self._task is not None:
             return False  # the task sends what waits, this one after them
         if self._send_now is not None:
