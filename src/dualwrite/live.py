@@ -277,7 +277,10 @@ class LiveHub:
                 channel = self._channels.get(entry.channel)
                 if channel is not None:
                     for listener in list(channel.listeners):
-                        listener.offer(entry)
+                        try:
+                            listener.offer(entry)
+                        except Exception:  # one consumer's fault stops no other's delivery
+                            log.exception("live delivery to a listener failed")
 
     def listen(
         self, channel: ChannelRef, *, cursor: str | None = None, after_id: str | None = None

@@ -33,8 +33,8 @@ from typing import Any
 
 _GROWTH = 1.25
 """The heap may grow to this multiple of what the last thaw left before the next thaw."""
-_SMALLEST = 1_000_000
-"""Below this many allocated blocks, growth does not count (a process just started)."""
+_SMALLEST = 100_000
+"""Below this many allocated blocks, growth does not count (a process still importing)."""
 _CHECK_S = 1.0
 """How often the growth is read (`sys.getallocatedblocks`: a fraction of a millisecond)."""
 

@@ -169,7 +169,7 @@ class _Messages:
     without that extension), the writes wait in the listener, in order, and a short task sends
     them until none is left."""
 
-    __slots__ = ("_end", "_send", "_send_now", "_subscription", "_task", "failure")
+    __slots__ = ("_closed", "_end", "_send", "_send_now", "_subscription", "_task", "failure")
 
     def __init__(
         self,
@@ -182,6 +182,7 @@ class _Messages:
         self._send = send
         self._send_now = send_now
         self._end = end
+        self._closed = False
         self.failure: BaseException | None = None
         self._task: asyncio.Task[None] | None = asyncio.create_task(self._sending(backlog=True))
         subscription.when_overflowed(self._overflowed)
@@ -202,7 +203,7 @@ class _Messages:
 
     def _offer(self, entry: LiveEntry) -> bool:
         # On the feed's turn: it must not raise, nor wait.
-        if self.failure is not None:
+        if self._closed or self.failure is not None:
             return True  # the socket is being closed: the client resumes from its cursor
         if self._task is not None:
             return False  # the task sends what waits, this one after them
@@ -227,6 +228,7 @@ class _Messages:
         self._end()
 
     async def close(self) -> None:
+        self._closed = True  # no task may start after this one is gone
         task = self._task
         if task is not None:
             task.cancel()

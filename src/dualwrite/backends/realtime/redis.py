@@ -960,6 +960,7 @@ class _Reader:
                         client_id = int(await client.client_id())
                     self._blocked_id = client_id
                     self._changed.clear()
+                    read_from = dict(self.positions)
                     reply = await _xread(client, self._command())
                 except asyncio.CancelledError:
                     raise
@@ -974,16 +975,18 @@ class _Reader:
                 finally:
                     self._blocked_id = None
                 failures = 0
-                self._dispatch(reply or ())
+                self._dispatch(reply or (), read_from)
         finally:
             await client.aclose()
 
-    def _dispatch(self, reply: Any) -> None:
+    def _dispatch(self, reply: Any, read_from: dict[ChannelRef, str]) -> None:
         entries: list[LiveEntry] = []
         for key, stream_entries in reply:
             channel = self._channel_of.get(key)
-            if channel is None:
-                continue  # unwatched while the read was out
+            if channel is None or self.positions.get(channel) != read_from.get(channel):
+                # Unwatched while the read was out, or watched again from a new position:
+                # what the read found is from before that watch (the next read starts at it).
+                continue
             for entry_id, fields in stream_entries:
                 self.positions[channel] = entry_id
                 self._packed_positions[channel] = _bulk(entry_id)
