@@ -11,7 +11,7 @@ import weakref
 
 import pytest
 
-from dualwrite.server.collector import _SMALLEST, short_full_collections
+from dualwrite.server.collector import _SMALLEST, _Freezer, short_full_collections
 
 
 class _Node:
@@ -82,3 +82,20 @@ async def test_frozen_cycles_are_freed_once_the_heap_grows_by_a_quarter() -> Non
         await asyncio.sleep(1.5)
         assert survivor() is None, "not thawed after growing by a third"
         del ballast
+
+
+async def test_a_thaw_that_found_the_growth_alive_waits_for_more_growth_next_time() -> None:
+    async with short_full_collections(3600):
+        freezer = _Freezer()
+        kept: list[list[int]] = [[] for _ in range(200_000)]  # alive: sockets opening
+        freezer.thaw()
+        assert freezer.growth == 1.5
+        freezer.after_thaw = sys.getallocatedblocks()
+        nodes = [_Node() for _ in range(100_000)]
+        for node in nodes:
+            node.other = node
+        gc.collect()  # frozen while alive...
+        del nodes  # ...then garbage: closed sockets' cycles
+        freezer.thaw()
+        assert freezer.growth == 1.25
+        del kept

@@ -16,9 +16,10 @@ objects as usual (most die so: a request, a frame, a timer); what freezing delay
 of reference cycles among them, such as a closed socket's protocol and transport (about 6 KB a
 socket), or an exception and its traceback. So the frozen objects are thawed, and walked once
 by a full collection that frees those cycles, when the heap has grown by a quarter since the
-last thaw (CPython's own rule for spacing full collections, counted in allocated blocks), and at
-the latest every `thaw_every_s`. A process whose sockets come and go thus holds at most about a
-quarter more than it needs, and pays one long collection per quarter of growth. This is
+last thaw (CPython's own rule for spacing full collections, counted in allocated blocks; twice
+that margin, up to threefold, after thaws that found the growth alive), and at the latest every
+`thaw_every_s`. A process whose sockets come and go thus holds at most about a quarter more than
+it needs once its thaws find garbage, and pays one long collection per such growth. This is
 Instagram's `gc.freeze` practice (Python docs, `gc.freeze`), kept up over a process's lifetime.
 """
 
@@ -32,7 +33,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 _GROWTH = 1.25
-"""The heap may grow to this multiple of what the last thaw left before the next thaw."""
+"""The heap may grow to this multiple of what the last thaw left before the next thaw..."""
+_MOST_GROWTH = 3.0
+"""...or, after thaws that found the growth alive (sockets opening), up to this multiple."""
 _SMALLEST = 100_000
 """Below this many allocated blocks, growth does not count (a process still importing)."""
 _CHECK_S = 1.0
@@ -42,6 +45,7 @@ _CHECK_S = 1.0
 class _Freezer:
     def __init__(self) -> None:
         self.after_thaw = sys.getallocatedblocks()
+        self.growth = _GROWTH
 
     def collected(self, phase: str, info: dict[str, Any]) -> None:
         # Called by the collector once a collection is over: its lists are consistent again.
@@ -50,13 +54,22 @@ class _Freezer:
             gc.freeze()
 
     def thaw_due(self) -> bool:
-        return sys.getallocatedblocks() > max(_SMALLEST, self.after_thaw * _GROWTH)
+        return sys.getallocatedblocks() > max(_SMALLEST, self.after_thaw * self.growth)
 
     def thaw(self) -> None:
         """Unfreeze and collect everything once; the survivors are frozen again."""
+        before, grown_from = sys.getallocatedblocks(), self.after_thaw
         gc.unfreeze()
         gc.collect()
         self.after_thaw = sys.getallocatedblocks()
+        # A thaw that freed under a quarter of the growth found it alive (sockets opening, not
+        # closed ones' cycles): the next waits for twice the margin, so that 10,000 sockets
+        # opening pay 4 full collections, not 10, and none lands soon after; one that freed
+        # more waits for the usual quarter again.
+        if before - self.after_thaw < (before - grown_from) / 4:
+            self.growth = min(_MOST_GROWTH, 1 + 2 * (self.growth - 1))
+        else:
+            self.growth = _GROWTH
 
     async def run(self, thaw_every_s: float) -> None:
         loop = asyncio.get_running_loop()
