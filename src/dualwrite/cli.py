@@ -816,15 +816,16 @@ async def _bench_once(args: argparse.Namespace, bench: Any, scratch: str) -> Any
             )
         report.realtime_url, report.store_url = labels
     else:
-        with bench.bench_server(settings, scratch, args.subscribers) as (base, token, pid):
+        with bench.bench_server(settings, scratch, args.subscribers) as server:
             report = await bench.run_http(
-                base,
-                token,
+                server.base_url,
+                server.token,
                 messages=messages,
                 concurrency=args.concurrency,
                 subscribers=args.subscribers,
                 channels=args.channels,
-                server_pid=pid,
+                server_pid=server.pid,
+                metrics_token=server.metrics_token,
                 labels=labels,
                 rate=args.rate,
                 on_sent=bench.Progress(messages).advance,

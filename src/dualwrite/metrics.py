@@ -18,3 +18,8 @@ RETRIES = Counter(
 )
 QUEUE_DEPTH = Gauge("dualwrite_retry_queue_depth", "Permanent writes waiting in the retry queue.")
 WEBSOCKETS = Gauge("dualwrite_websocket_connections", "Live WebSocket connections.")
+GC_THAW_SECONDS = Histogram(
+    "dualwrite_gc_thaw_seconds",
+    "Full collections of a serve process's thawed heap (the loop is held meanwhile).",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)

@@ -10,6 +10,7 @@ import sys
 import weakref
 
 import pytest
+from prometheus_client import REGISTRY
 
 from dualwrite.server.collector import _SMALLEST, _Freezer, short_full_collections
 
@@ -78,10 +79,16 @@ async def test_frozen_cycles_are_freed_once_the_heap_grows_by_a_quarter() -> Non
         assert survivor() is not None, "thawed without growth"
         # A third more, and past the size below which growth does not count.
         grown = max(sys.getallocatedblocks() // 3, _SMALLEST)
+        thaws_before = _thaws_counted()
         ballast: list[list[int]] = [[] for _ in range(grown)]
         await asyncio.sleep(1.5)
         assert survivor() is None, "not thawed after growing by a third"
+        assert _thaws_counted() == thaws_before + 1, "the thaw is not in /metrics"
         del ballast
+
+
+def _thaws_counted() -> float:
+    return REGISTRY.get_sample_value("dualwrite_gc_thaw_seconds_count") or 0.0
 
 
 async def test_a_thaw_that_found_the_growth_alive_waits_for_more_growth_next_time() -> None:

@@ -32,6 +32,8 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
+from dualwrite.metrics import GC_THAW_SECONDS
+
 _GROWTH = 1.25
 """The heap may grow to this multiple of what the last thaw left before the next thaw..."""
 _MOST_GROWTH = 3.0
@@ -59,8 +61,9 @@ class _Freezer:
     def thaw(self) -> None:
         """Unfreeze and collect everything once; the survivors are frozen again."""
         before, grown_from = sys.getallocatedblocks(), self.after_thaw
-        gc.unfreeze()
-        gc.collect()
+        with GC_THAW_SECONDS.time():
+            gc.unfreeze()
+            gc.collect()
         self.after_thaw = sys.getallocatedblocks()
         # A thaw that freed under a quarter of the growth found it alive (sockets opening, not
         # closed ones' cycles): the next waits for twice the margin, so that 10,000 sockets

@@ -18,13 +18,16 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from dualwrite.errors import SendFailed
 from dualwrite.model import User
 from dualwrite.server.collector import short_full_collections
 from dualwrite.service import DualWrite
 from dualwrite.settings import ServerSettings, Settings
+
+if TYPE_CHECKING:
+    import aiohttp
 
 WORKSPACE = "bench"
 
@@ -131,6 +134,11 @@ class Connections:
     cannot keep up shows here, not as the server's delivery latency."""
     client_cpu_s: float
     client_processes: int = 1
+    server_thaws: int = 0
+    """Full collections of the server's thawed heap (`dualwrite.server.collector`) during the
+    sends: each holds the server's loop for 0.1-1 s at 10,000 sockets, so one in the window
+    shows in p99."""
+    server_thaw_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         per_connection = (
@@ -147,6 +155,8 @@ class Connections:
             "client_lag_ms": _latency(self.client_lag_ms),
             "client_cpu_s": round(self.client_cpu_s, 2),
             "client_processes": self.client_processes,
+            "server_thaws": self.server_thaws,
+            "server_thaw_s": round(self.server_thaw_s, 3),
         }
 
 
@@ -282,6 +292,10 @@ def figures_table(d: dict[str, Any]) -> str:
                     f"{c['client_cpu_s']} s "
                     f"({c['client_processes']} process{'es' if c['client_processes'] > 1 else ''})"
                 ],
+            ),
+            (
+                "server full collections during the sends",
+                [f"{c.get('server_thaws', 0)} ({c.get('server_thaw_s', 0.0)} s)"],
             ),
         ]
     if baseline is not None and baseline[2] is not None:
@@ -560,6 +574,7 @@ async def run_http(
     rate: float | None = None,
     on_sent: Callable[[], None] = lambda: None,
     out: TextIO | None = None,
+    metrics_token: str | None = None,
 ) -> BenchReport:
     """N senders over HTTP and M WebSocket subscribers spread over the channels.
 
@@ -570,7 +585,8 @@ async def run_http(
     socket, is what an idle connection costs); then the measured sends.
 
     The load comes from aiohttp: httpx's async client tops out near 200 requests/s here, which
-    would measure the client, not the server.
+    would measure the client, not the server. With ``metrics_token``, the server's `/metrics`
+    is read before and after the sends, for the full collections it ran meanwhile.
     """
     import aiohttp
 
@@ -681,6 +697,11 @@ async def run_http(
             async def send_one(index: int, slot: int) -> str:
                 return await post(f"channel-{index % channels}", text_of(index))
 
+            async def server_thaws() -> tuple[int, float]:
+                if metrics_token is None:
+                    return 0, 0.0
+                return await _thaws(session, metrics_token)
+
             # This process's own collections would walk what its sockets hold (a full one took
             # 400 ms at 10,000, seen as a burst of late sends): not the server's latency. So it
             # keeps them short as serve does.
@@ -689,12 +710,14 @@ async def run_http(
                 lag = _LagMonitor()
                 lag.start()
                 client_before, _ = own_usage()
+                thaws_before = await server_thaws()
                 before = process_usage(server_pid) if server_pid else (0.0, 0.0)
                 elapsed, latencies, outcomes, started_at = await drive(
                     send_one, messages, concurrency, on_sent, rate
                 )
                 await asyncio.sleep(1.0)  # the last deliveries
                 after = process_usage(server_pid) if server_pid else (0.0, 0.0)
+                thaws_after = await server_thaws()
                 client_after, _ = own_usage()
                 await lag.stop()
         finally:
@@ -727,8 +750,30 @@ async def run_http(
             deliveries_expected=expected,
             client_lag_ms=lag.lag_ms,
             client_cpu_s=client_after - client_before,
+            server_thaws=thaws_after[0] - thaws_before[0],
+            server_thaw_s=thaws_after[1] - thaws_before[1],
         ),
     )
+
+
+async def _thaws(session: aiohttp.ClientSession, metrics_token: str) -> tuple[int, float]:
+    """How many full collections of its thawed heap the server has run, and their seconds in
+    all, from its `/metrics`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    headers = {"authorization": f"Bearer {metrics_token}"}
+    async with session.get("/metrics", headers=headers) as response:
+        response.raise_for_status()
+        text = await response.text()
+    count, seconds = 0, 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name == "dualwrite_gc_thaw_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_count"):
+                    count = int(sample.value)
+                elif sample.name.endswith("_sum"):
+                    seconds = sample.value
+    return count, seconds
 
 
 async def run_raw(
@@ -874,18 +919,29 @@ def server_env(settings: Settings, scratch: str, secret: str, sockets: int) -> d
     }
 
 
+@dataclass(frozen=True)
+class BenchServer:
+    """The bench's `serve` process: where it listens, a signed-in user's token, its pid, and
+    the token of its `/metrics`."""
+
+    base_url: str
+    token: str
+    pid: int
+    metrics_token: str
+
+
 @contextlib.contextmanager
-def bench_server(
-    settings: Settings, scratch: str, sockets: int = 0
-) -> Iterator[tuple[str, str, int]]:
+def bench_server(settings: Settings, scratch: str, sockets: int = 0) -> Iterator[BenchServer]:
     """A `dualwrite serve` process on these backends, for the http target."""
     from dualwrite.server.auth import Identity, TokenSigner
     from dualwrite.tools.serve_process import serve_process
 
     secret = secrets.token_urlsafe(48)
+    metrics_token = secrets.token_urlsafe(24)
     env = server_env(settings, scratch, secret, sockets)
+    env["DUALWRITE_METRICS_TOKEN"] = metrics_token
     with serve_process(env, Path(scratch, "server.log")) as (base, pid):
         token = TokenSigner(secret, ServerSettings()).mint(
             Identity(User("bench-user", "Bench"), "bench")
         )
-        yield base, token, pid
+        yield BenchServer(base, token, pid, metrics_token)

@@ -160,9 +160,9 @@ async def run_history(
 
             report["sizes"][size] = {"library": await _time_pages(library, channel, pages)}
     if http:
-        with bench_server(settings, scratch) as (base, token, _):
-            headers = {"authorization": f"Bearer {token}"}
-            async with aiohttp.ClientSession(base, headers=headers) as session:
+        with bench_server(settings, scratch) as server:
+            headers = {"authorization": f"Bearer {server.token}"}
+            async with aiohttp.ClientSession(server.base_url, headers=headers) as session:
                 for size, channel in zip(sizes, filled, strict=True):
 
                     async def over_http(cursor: str | None, channel: Filled = channel) -> None:
