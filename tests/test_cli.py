@@ -102,6 +102,7 @@ def test_bench_http_target_drives_a_real_server(
     assert figures["cpu_s"] > 0 and figures["peak_rss_mb"] > 0
     # Read from the server's /metrics: a handful of sockets grows no heap enough to thaw.
     assert figures["connections"]["server_thaws"] == 0
+    assert figures["connections"]["steal_s"] >= 0
     assert "server full collections during the sends" in capsys.readouterr().out
 
 

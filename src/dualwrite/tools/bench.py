@@ -139,6 +139,9 @@ class Connections:
     sends: each holds the server's loop for 0.1-1 s at 10,000 sockets, so one in the window
     shows in p99."""
     server_thaw_s: float = 0.0
+    steal_s: float = 0.0
+    """CPU time the hypervisor gave other guests while this machine's cores wanted it, during
+    the sends (`/proc/stat`): a run that paid some measured a slower machine."""
 
     def as_dict(self) -> dict[str, Any]:
         per_connection = (
@@ -157,6 +160,7 @@ class Connections:
             "client_processes": self.client_processes,
             "server_thaws": self.server_thaws,
             "server_thaw_s": round(self.server_thaw_s, 3),
+            "steal_s": round(self.steal_s, 2),
         }
 
 
@@ -297,6 +301,7 @@ def figures_table(d: dict[str, Any]) -> str:
                 "server full collections during the sends",
                 [f"{c.get('server_thaws', 0)} ({c.get('server_thaw_s', 0.0)} s)"],
             ),
+            ("CPU stolen by the host during the sends", [f"{c.get('steal_s', 0.0)} s"]),
         ]
     if baseline is not None and baseline[2] is not None:
         rows.append((f"dualwrite / {baseline[0]} (sends/s)", [str(baseline[2])]))
@@ -418,6 +423,16 @@ def _status_mb(pid: int, key: str) -> float:
         if line.startswith(key):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def stolen_cpu_s() -> float:
+    """CPU seconds stolen from this machine's cores by the hypervisor since boot (0 where
+    `/proc/stat` does not say)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 async def settled(pid: int, *, quiet_cpu_s: float = 0.02, window_s: float = 0.5) -> None:
@@ -711,6 +726,7 @@ async def run_http(
                 lag.start()
                 client_before, _ = own_usage()
                 thaws_before = await server_thaws()
+                steal_before = stolen_cpu_s()
                 before = process_usage(server_pid) if server_pid else (0.0, 0.0)
                 elapsed, latencies, outcomes, started_at = await drive(
                     send_one, messages, concurrency, on_sent, rate
@@ -718,6 +734,7 @@ async def run_http(
                 await asyncio.sleep(1.0)  # the last deliveries
                 after = process_usage(server_pid) if server_pid else (0.0, 0.0)
                 thaws_after = await server_thaws()
+                steal_after = stolen_cpu_s()
                 client_after, _ = own_usage()
                 await lag.stop()
         finally:
@@ -752,6 +769,7 @@ async def run_http(
             client_cpu_s=client_after - client_before,
             server_thaws=thaws_after[0] - thaws_before[0],
             server_thaw_s=thaws_after[1] - thaws_before[1],
+            steal_s=steal_after - steal_before,
         ),
     )
 
