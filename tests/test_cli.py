@@ -203,3 +203,13 @@ def test_inspect_by_id_alone_finds_a_saved_message_on_each_store(
     assert "permanent store: {" in out and '"text": "hello"' in out
     assert main(["inspect", "-NoSuchMessageId1234"]) == 1
     assert "not in the permanent store" in capsys.readouterr().out
+
+
+async def test_bench_keeps_its_figures_when_the_servers_metrics_do_not_answer() -> None:
+    import aiohttp
+
+    from dualwrite.tools.bench import _thaws
+    from dualwrite.tools.serve_process import free_port
+
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{free_port()}") as nothing_listens:
+        assert await _thaws(nothing_listens, "metrics-token-of-sixteen") is None

@@ -12,7 +12,14 @@ import weakref
 import pytest
 from prometheus_client import REGISTRY
 
-from dualwrite.server.collector import _SMALLEST, _Freezer, short_full_collections
+from dualwrite.server.collector import (
+    _GROWTH,
+    _SMALLEST,
+    _WIDE_MARGIN_S,
+    _Freezer,
+    _resident_bytes,
+    short_full_collections,
+)
 
 
 class _Node:
@@ -106,3 +113,30 @@ async def test_a_thaw_that_found_the_growth_alive_waits_for_more_growth_next_tim
         freezer.thaw()
         assert freezer.growth == 1.25
         del kept
+
+
+class _Holder:
+    def __init__(self, size: int) -> None:
+        self.me = self
+        self.buffer = bytearray(size)
+
+
+async def test_frozen_cycles_holding_large_buffers_are_freed_once_rss_grows_by_a_quarter() -> None:
+    # Buffers over 512 bytes are not allocated blocks: only RSS sees them grow.
+    async with short_full_collections(3600):
+        chunk = 1 << 20
+        holders = [_Holder(chunk) for _ in range(max(64, _resident_bytes() // 2 // chunk))]
+        first = weakref.ref(holders[0])
+        gc.collect()  # frozen while alive: a socket's buffers
+        holders.clear()  # then garbage: the socket closed
+        await asyncio.sleep(2.5)
+        assert first() is None, "not thawed after RSS grew by half"
+
+
+def test_a_widened_margin_narrows_again_after_a_while() -> None:
+    freezer = _Freezer()
+    freezer.growth, freezer.widened_at = 3.0, 100.0
+    freezer.thaw_due(now=100.0 + _WIDE_MARGIN_S / 2)
+    assert freezer.growth == 3.0
+    freezer.thaw_due(now=100.0 + _WIDE_MARGIN_S + 1)
+    assert freezer.growth == _GROWTH

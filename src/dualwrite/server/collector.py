@@ -16,10 +16,12 @@ objects as usual (most die so: a request, a frame, a timer); what freezing delay
 of reference cycles among them, such as a closed socket's protocol and transport (about 6 KB a
 socket), or an exception and its traceback. So the frozen objects are thawed, and walked once
 by a full collection that frees those cycles, when the heap has grown by a quarter since the
-last thaw (CPython's own rule for spacing full collections, counted in allocated blocks; twice
-that margin, up to threefold, after thaws that found the growth alive), and at the latest every
-`thaw_every_s`. A process whose sockets come and go thus holds at most about a quarter more than
-it needs once its thaws find garbage, and pays one long collection per such growth. This is
+last thaw (CPython's own rule for spacing full collections, counted in allocated blocks, and
+in RSS for what blocks do not count: large buffers; twice that margin, up to threefold, for five
+minutes after thaws that found the growth alive), and at the latest every `thaw_every_s`. A
+process whose sockets come and go thus holds at most about a quarter more than it needs once
+its thaws find garbage (threefold for at most five minutes after a burst of sockets opening),
+and pays one long collection per such growth. This is
 Instagram's `gc.freeze` practice (Python docs, `gc.freeze`), kept up over a process's lifetime.
 """
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -41,13 +44,32 @@ _MOST_GROWTH = 3.0
 _SMALLEST = 100_000
 """Below this many allocated blocks, growth does not count (a process still importing)."""
 _CHECK_S = 1.0
-"""How often the growth is read (`sys.getallocatedblocks`: a fraction of a millisecond)."""
+"""How often the growth is read (`sys.getallocatedblocks` and `/proc/self/statm`: a fraction
+of a millisecond)."""
+_WIDE_MARGIN_S = 300.0
+"""How long a margin widened by a thaw that found the growth alive lasts: a burst of sockets
+opening ends within it, and garbage frozen meanwhile waits no longer than this for its thaw."""
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _resident_bytes() -> int:
+    """The process's RSS (0 where `/proc` does not say). Allocated blocks count only objects of
+    up to 512 bytes: a cycle holding a large buffer (a transport's, a bytearray) grows RSS
+    without them."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 class _Freezer:
     def __init__(self) -> None:
         self.after_thaw = sys.getallocatedblocks()
+        self.rss_after_thaw = _resident_bytes()
         self.growth = _GROWTH
+        self.widened_at = 0.0
 
     def collected(self, phase: str, info: dict[str, Any]) -> None:
         # Called by the collector once a collection is over: its lists are consistent again.
@@ -55,22 +77,30 @@ class _Freezer:
         if phase == "stop":
             gc.freeze()
 
-    def thaw_due(self) -> bool:
-        return sys.getallocatedblocks() > max(_SMALLEST, self.after_thaw * self.growth)
+    def thaw_due(self, now: float = 0.0) -> bool:
+        if self.growth > _GROWTH and now - self.widened_at > _WIDE_MARGIN_S:
+            self.growth = _GROWTH
+        if sys.getallocatedblocks() > max(_SMALLEST, self.after_thaw * self.growth):
+            return True
+        return _resident_bytes() > self.rss_after_thaw * self.growth
 
-    def thaw(self) -> None:
+    def thaw(self, now: float = 0.0) -> None:
         """Unfreeze and collect everything once; the survivors are frozen again."""
         before, grown_from = sys.getallocatedblocks(), self.after_thaw
         with GC_THAW_SECONDS.time():
             gc.unfreeze()
             gc.collect()
         self.after_thaw = sys.getallocatedblocks()
+        # RSS rarely shrinks after a collection (the allocator keeps its arenas): the margin
+        # counts from where it stands now.
+        self.rss_after_thaw = _resident_bytes()
         # A thaw that freed under a quarter of the growth found it alive (sockets opening, not
         # closed ones' cycles): the next waits for twice the margin, so that 10,000 sockets
         # opening pay 4 full collections, not 10, and none lands soon after; one that freed
-        # more waits for the usual quarter again.
+        # more waits for the usual quarter again, as does one _WIDE_MARGIN_S later.
         if before - self.after_thaw < (before - grown_from) / 4:
             self.growth = min(_MOST_GROWTH, 1 + 2 * (self.growth - 1))
+            self.widened_at = now
         else:
             self.growth = _GROWTH
 
@@ -80,8 +110,9 @@ class _Freezer:
         while True:
             # The thaw's collection runs here, on the loop, not inside another collection.
             await asyncio.sleep(min(_CHECK_S, max(0.0, next_thaw - loop.time())))
-            if loop.time() >= next_thaw or self.thaw_due():
-                self.thaw()
+            now = loop.time()
+            if now >= next_thaw or self.thaw_due(now):
+                self.thaw(now)
                 next_thaw = loop.time() + thaw_every_s
 
 

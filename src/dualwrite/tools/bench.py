@@ -134,10 +134,10 @@ class Connections:
     cannot keep up shows here, not as the server's delivery latency."""
     client_cpu_s: float
     client_processes: int = 1
-    server_thaws: int = 0
+    server_thaws: int | None = None
     """Full collections of the server's thawed heap (`dualwrite.server.collector`) during the
     sends: each holds the server's loop for 0.1-1 s at 10,000 sockets, so one in the window
-    shows in p99."""
+    shows in p99. None: unknown (no `/metrics` to read, or it did not answer)."""
     server_thaw_s: float = 0.0
     steal_s: float = 0.0
     """CPU time the hypervisor gave other guests while this machine's cores wanted it, during
@@ -299,7 +299,11 @@ def figures_table(d: dict[str, Any]) -> str:
             ),
             (
                 "server full collections during the sends",
-                [f"{c.get('server_thaws', 0)} ({c.get('server_thaw_s', 0.0)} s)"],
+                [
+                    "unknown (the server's /metrics did not answer)"
+                    if c.get("server_thaws") is None
+                    else f"{c['server_thaws']} ({c.get('server_thaw_s', 0.0)} s)"
+                ],
             ),
             ("CPU stolen by the host during the sends", [f"{c.get('steal_s', 0.0)} s"]),
         ]
@@ -712,9 +716,9 @@ async def run_http(
             async def send_one(index: int, slot: int) -> str:
                 return await post(f"channel-{index % channels}", text_of(index))
 
-            async def server_thaws() -> tuple[int, float]:
+            async def server_thaws() -> tuple[int, float] | None:
                 if metrics_token is None:
-                    return 0, 0.0
+                    return None
                 return await _thaws(session, metrics_token)
 
             # This process's own collections would walk what its sockets hold (a full one took
@@ -767,22 +771,29 @@ async def run_http(
             deliveries_expected=expected,
             client_lag_ms=lag.lag_ms,
             client_cpu_s=client_after - client_before,
-            server_thaws=thaws_after[0] - thaws_before[0],
-            server_thaw_s=thaws_after[1] - thaws_before[1],
+            server_thaws=(
+                thaws_after[0] - thaws_before[0] if thaws_before and thaws_after else None
+            ),
+            server_thaw_s=thaws_after[1] - thaws_before[1] if thaws_before and thaws_after else 0.0,
             steal_s=steal_after - steal_before,
         ),
     )
 
 
-async def _thaws(session: aiohttp.ClientSession, metrics_token: str) -> tuple[int, float]:
+async def _thaws(session: aiohttp.ClientSession, metrics_token: str) -> tuple[int, float] | None:
     """How many full collections of its thawed heap the server has run, and their seconds in
-    all, from its `/metrics`."""
+    all, from its `/metrics`; None if it does not answer (the run's figures stand without)."""
+    import aiohttp
     from prometheus_client.parser import text_string_to_metric_families
 
     headers = {"authorization": f"Bearer {metrics_token}"}
-    async with session.get("/metrics", headers=headers) as response:
-        response.raise_for_status()
-        text = await response.text()
+    try:
+        async with asyncio.timeout(10):
+            async with session.get("/metrics", headers=headers) as response:
+                response.raise_for_status()
+                text = await response.text()
+    except (aiohttp.ClientError, TimeoutError):
+        return None
     count, seconds = 0, 0.0
     for family in text_string_to_metric_families(text):
         if family.name == "dualwrite_gc_thaw_seconds":
