@@ -624,3 +624,29 @@ async def test_a_write_after_redis_lost_its_script_loads_it_again(
     # Its listings ran twice (the lone try, then the reloading one): none is left in flight.
     assert int(await tier._r.hget(tier._unconfirmed_writes, f"i:{name}") or 0) == 0
     assert await realtime.unconfirmed(channel, None, clock.now_ms(), 10) == [message]
+
+
+async def test_a_script_lost_again_between_its_reload_and_its_run_still_runs(
+    realtime: RealtimeTier, realtime_kind: str, clock: ManualClock, ids: PushIdGenerator
+) -> None:
+    # SCRIPT FLUSHes close together: each reload is flushed before the script runs again.
+    tier = _redis_internals(realtime, realtime_kind)
+    client = tier._write_script.registered_client
+    load = client.script_load
+
+    async def load_then_lose(script: Any) -> Any:
+        sha = await load(script)
+        await client.script_flush()
+        return sha
+
+    channel = ChannelRef(unique("ws"), "flushed-again")
+    message = make_message(clock, ids, "after two flushes")
+    await client.script_flush()
+    client.script_load = load_then_lose
+    try:
+        await realtime.write(channel, message)
+        page = await realtime.read_before(channel, None, 10)
+    finally:
+        del client.script_load
+    assert page == [message]
+    assert await realtime.read(channel, message.message_id) == message

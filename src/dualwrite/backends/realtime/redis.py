@@ -250,6 +250,18 @@ _IDLE_S = 5.0
 an answer and it is replaced."""
 
 
+async def _run_script(script: Any, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    """Run a registered script. redis-py reloads one that Redis lost (restart, SCRIPT FLUSH, a
+    promoted replica) and runs it again, once; lost again in between (flushes close together),
+    it is sent whole with EVAL, which no flush can race. NOSCRIPT means it did not run, so
+    running it again writes nothing twice."""
+    try:
+        return await script(keys=keys, args=args)
+    except NoScriptError:
+        client = script.registered_client
+        return await client.eval(script.script, len(keys), *keys, *args)
+
+
 class RedisRealtimeTier:
     def __init__(
         self,
@@ -472,7 +484,7 @@ class RedisRealtimeTier:
         try:
             # Script.__call__ reloads the script if Redis lost it (restart, SCRIPT FLUSH, a
             # replica promoted by a failover): on a cluster, on every primary.
-            await self._write_script(**self._script_call(*item))
+            await _run_script(self._write_script, **self._script_call(*item))
         except ResponseError:
             # Refused, so surely not run: the write is no longer in flight. (Cut off, it may
             # still run: it stays counted in flight, and its channel listed.)
@@ -570,7 +582,8 @@ class RedisRealtimeTier:
         # that are not below it, or expired ones the write has not trimmed yet.
         while len(found) < limit:
             want = limit - len(found) + 8
-            text = await self._read_before_script(
+            text = await _run_script(
+                self._read_before_script,
                 keys=[self._key(channel, "time")],
                 args=[top, offset, want, self._key(channel, "msg:")],
             )
@@ -827,7 +840,7 @@ class RedisRealtimeTier:
         # One hash tag for every bucket: a Lua call's keys must share a cluster slot.
         keys = [f"{self._prefix}{{limits}}:{r.key}" for r in requests]
         args = [repr(float(v)) for r in requests for v in (r.cost, r.rate_per_s, r.burst)]
-        return float(await self._take_script(keys=keys, args=args))
+        return float(await _run_script(self._take_script, keys=keys, args=args))
 
     def _events_key(self, workspace_id: str) -> str:
         return f"{self._prefix}events:{workspace_id}"
