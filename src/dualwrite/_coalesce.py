@@ -3,7 +3,9 @@
 Callers each submit one item and await their own outcome. While a batch is in flight, new items
 queue up; the next batch takes all that queued (up to ``max_batch``). At low load a call goes
 out alone at once; under load one round trip carries many. If a whole batch fails, its items
-are retried one by one, so each caller learns its own outcome.
+are retried one by one, so each caller learns its own outcome: with ``commit_retry`` where a
+failed batch may still have committed some of them (a pipeline is not a transaction), so that a
+retry can tell a committed item from a new one.
 
 A caller that gives up (its timeout cancels it) leaves its item behind: an item not yet sent is
 dropped, and a batch whose callers have all given up is cancelled, so that a send reported as
@@ -37,11 +39,13 @@ class Coalescer(Generic[T]):
         max_batch: int,
         max_in_flight: int,
         max_wait_s: float = 0.0,
+        commit_retry: Callable[[T], Awaitable[None]] | None = None,
     ) -> None:
         if max_batch < 1 or max_in_flight < 1 or max_wait_s < 0:
             raise ValueError("max_batch and max_in_flight must be >= 1, max_wait_s >= 0")
         self._commit_many = commit_many
         self._commit_one = commit_one
+        self._commit_retry = commit_retry or commit_one
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
         self._slots = asyncio.Semaphore(max_in_flight)
@@ -101,7 +105,7 @@ class Coalescer(Generic[T]):
                     outcomes = [error]
                 else:
                     results = await asyncio.gather(
-                        *(self._commit_one(item) for item in items), return_exceptions=True
+                        *(self._commit_retry(item) for item in items), return_exceptions=True
                     )
                     outcomes = [r if isinstance(r, BaseException) else None for r in results]
             for (_, future), outcome in zip(batch, outcomes, strict=True):

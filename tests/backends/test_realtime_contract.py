@@ -626,6 +626,40 @@ async def test_a_write_after_redis_lost_its_script_loads_it_again(
     assert await realtime.unconfirmed(channel, None, clock.now_ms(), 10) == [message]
 
 
+async def test_writes_retried_after_a_batch_failed_are_not_written_twice(
+    realtime: RealtimeTier, realtime_kind: str, clock: ManualClock, ids: PushIdGenerator
+) -> None:
+    # A pipeline is not a transaction: a batch answered with an error (a SCRIPT FLUSH landing
+    # mid-pipeline, one primary failing over) has run its other scripts. Injected: every
+    # script of the batch runs, then the batch fails.
+    from redis.exceptions import NoScriptError
+
+    tier = _redis_internals(realtime, realtime_kind)
+    write_many = tier._write_many
+    failed_batches = 0
+
+    async def runs_then_fails(items: Any, once: bool = False) -> None:
+        nonlocal failed_batches
+        await write_many(items, once)
+        if len(items) > 1:
+            failed_batches += 1
+            raise NoScriptError("NOSCRIPT (injected after the batch ran)")
+
+    channel = ChannelRef(unique("ws"), "half-failed")
+    messages = [make_message(clock, ids, f"m{i}") for i in range(30)]
+    tier._write_many = runs_then_fails
+    tier._writes, tier._writes_to = tier._write_batches(), {}
+    try:
+        await asyncio.gather(*(realtime.write(channel, m) for m in messages))
+    finally:
+        del tier._write_many
+        tier._writes, tier._writes_to = tier._write_batches(), {}
+    assert failed_batches >= 1
+    assert await tier._r.xlen(tier._key(channel, "stream")) == len(messages), "written twice"
+    page = await realtime.read_before(channel, None, 50)
+    assert sorted(m.message_id for m in page) == sorted(m.message_id for m in messages)
+
+
 async def test_a_script_lost_again_between_its_reload_and_its_run_still_runs(
     realtime: RealtimeTier, realtime_kind: str, clock: ManualClock, ids: PushIdGenerator
 ) -> None:

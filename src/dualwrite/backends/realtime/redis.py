@@ -80,6 +80,7 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import functools
 import json
 import logging
 import math
@@ -117,6 +118,7 @@ from dualwrite.redact import redact_url
 log = logging.getLogger(__name__)
 
 _WRITE = """
+if ARGV[9] == '1' and redis.call('GET', KEYS[1]) == ARGV[2] then return false end
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local minid = string.format('%d', now_ms - tonumber(ARGV[5]))
@@ -407,7 +409,13 @@ class RedisRealtimeTier:
         pipe.execute_command("EVAL", script, len(keys), *keys, *args)
 
     def _write_batches(self) -> Coalescer[tuple[ChannelRef, RealtimeMessage]]:
-        return Coalescer(self._write_many, self._write_one, max_batch=256, max_in_flight=8)
+        return Coalescer(
+            self._write_many,
+            self._write_one,
+            max_batch=256,
+            max_in_flight=8,
+            commit_retry=functools.partial(self._write_one, once=True),
+        )
 
     async def write(self, channel: ChannelRef, message: RealtimeMessage) -> None:
         writes = self._writes
@@ -418,7 +426,12 @@ class RedisRealtimeTier:
             writes = self._writes_to[node]
         await writes.submit((channel, message))
 
-    def _script_call(self, channel: ChannelRef, message: RealtimeMessage) -> dict[str, Any]:
+    def _script_call(
+        self, channel: ChannelRef, message: RealtimeMessage, once: bool = False
+    ) -> dict[str, Any]:
+        """The write script's keys and arguments; ``once``: a no-op if this very record is
+        there already (a retry of a write that a failed batch may have run: a rewrite, by
+        contract, comes again)."""
         record = json.dumps(message.to_wire(), ensure_ascii=False, separators=(",", ":"))
         now = self._clock.now_ms()
         return {
@@ -438,6 +451,7 @@ class RedisRealtimeTier:
                 message.timestamp,
                 now - REALTIME_TTL_MS,
                 self.wake_key(channel) if self.cluster else "",
+                "1" if once else "",
             ],
         }
 
@@ -468,23 +482,27 @@ class RedisRealtimeTier:
         else:
             self._listing(pipe, _LIST_AFTER, args)
 
-    async def _write_one(self, item: tuple[ChannelRef, RealtimeMessage]) -> None:
+    async def _write_one(
+        self, item: tuple[ChannelRef, RealtimeMessage], once: bool = False
+    ) -> None:
         # As a batch of one first: on a single Redis one round trip, where the steps below
         # take three (a lone send is the common case below a few hundred sends a second).
         try:
-            await self._write_many([item])
+            await self._write_many([item], once)
         except NoScriptError:
             # Redis lost the script (restart, SCRIPT FLUSH, a promoted replica): its listings
             # ran, and ran again below, which is harmless (the count in flight is back to
             # where it was); the script did not.
-            await self._write_reloading(item)
+            await self._write_reloading(item, once)
 
-    async def _write_reloading(self, item: tuple[ChannelRef, RealtimeMessage]) -> None:
+    async def _write_reloading(
+        self, item: tuple[ChannelRef, RealtimeMessage], once: bool = False
+    ) -> None:
         await self._in_order(lambda pipe: self._register(pipe, [item]))
         try:
             # Script.__call__ reloads the script if Redis lost it (restart, SCRIPT FLUSH, a
             # replica promoted by a failover): on a cluster, on every primary.
-            await _run_script(self._write_script, **self._script_call(*item))
+            await _run_script(self._write_script, **self._script_call(*item, once))
         except ResponseError:
             # Refused, so surely not run: the write is no longer in flight. (Cut off, it may
             # still run: it stays counted in flight, and its channel listed.)
@@ -492,13 +510,16 @@ class RedisRealtimeTier:
             raise
         await self._in_order(lambda pipe: self._list_unconfirmed(pipe, [item], before=False))
 
-    async def _write_many(self, items: Sequence[tuple[ChannelRef, RealtimeMessage]]) -> None:
+    async def _write_many(
+        self, items: Sequence[tuple[ChannelRef, RealtimeMessage]], once: bool = False
+    ) -> None:
         """Concurrent writes in one pipeline: one round trip, each still one atomic script.
-        If any fails (NOSCRIPT after a restart, say) the caller retries them one by one."""
+        If any fails (NOSCRIPT after a restart, say) the caller retries them one by one, each
+        ``once``: the others ran."""
 
         def scripts(pipe: Any) -> None:
             for item in items:
-                call = self._script_call(*item)
+                call = self._script_call(*item, once)
                 # execute_command, not pipe.evalsha: redis-py's cluster pipeline refuses that
                 # method, though it routes EVALSHA by its keys' slot.
                 keys, args = call["keys"], call["args"]
